@@ -1,0 +1,208 @@
+"""Batch-related Convolutional Cell (BConv-Cell) of Progressive Transfer Learning.
+
+Yu et al., "Progressive Transfer Learning", arXiv 1908.02492. One convolution of the input gives the
+gates; a latent state ``c`` carried from one training mini-batch to the next collects dataset-level
+information and rectifies the output::
+
+    i, f, o, g = split(conv(x), 4)             # order as in the paper
+    c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+    h_t = sigmoid(o) * tanh(c_t)
+
+The gates never see ``h_{t-1}`` or ``c_{t-1}`` and no gradient flows into earlier batches.
+
+Unlike the reference code, the state is a registered buffer of fixed shape ``(S, C, Hs, Ws)``: it
+follows ``.to()``, is saved in ``state_dict`` / safetensors, is averaged by timm's EMA and loads back
+bit-exactly. ``(Hs, Ws)`` is the cell's output grid at the model's nominal input size. Inputs of any
+other size read the state resampled bilinearly to their grid and write it back resampled to the
+stored grid (antialiased when shrinking), so any batch size or resolution may follow any other.
+"""
+import math
+from typing import Iterator, Literal, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    'BConvCell', 'StateMode', 'STATE_MODES', 'DEFAULT_STATE_MODE',
+    'bconv_cells', 'reset_state', 'freeze_state', 'unfreeze_state',
+]
+
+StateMode = Literal['shared', 'carried', 'reset']
+STATE_MODES: Tuple[str, ...] = ('shared', 'carried', 'reset')
+
+# 'shared' keeps one dataset-level state (1, C, Hs, Ws): a sample's output never depends on which
+# samples share its batch, in training as in eval, and train and eval read the same state. On the
+# 20-images-per-class Animal-MNIST run of method.md it matched the paper's per-slot state
+# ('carried', 81.72 vs 81.81 %) and beat no carried state ('reset', 80.58 %); benchmarks/transfer.py
+# re-measures the three (README, "Benchmarks").
+DEFAULT_STATE_MODE: StateMode = 'shared'
+
+
+def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=shrink)
+
+
+class BConvCell(nn.Module):
+    """BConv-Cell with a latent state carried across training mini-batches.
+
+    Shapes: ``x`` (B, in_chs, H, W) -> ``h`` (B, out_chs, H', W') with H' = ceil(H / stride)
+    (padding ``kernel_size // 2``, odd kernels). The state buffer is (S, out_chs, *state_size),
+    S = ``state_slots`` for ``'carried'``, else 1.
+
+    State modes:
+        ``'shared'``: one dataset-level state; each training forward reads it (broadcast over the batch)
+            and writes back the batch mean of ``c_t``.
+        ``'carried'``: the paper's per-slot state; sample ``j`` reads and writes slot ``j % S`` (a slot
+            hit by several samples keeps their mean; slots not hit keep their value). Eval and a
+            frozen state read the dataset-level state, the mean over slots.
+        ``'reset'``: no carried state (``c_{t-1} = 0`` always), what the reference code effectively ran.
+
+    Rules common to all modes: training forwards update the state unless it is frozen; eval forwards
+    are deterministic, never update, and are batch-independent. Under ``torch.distributed`` the written
+    state is averaged over ranks, as SyncBatchNorm does for batch statistics, so every rank holds the
+    same state.
+
+    Args:
+        in_chs: input channels.
+        out_chs: output (and state) channels.
+        kernel_size: odd kernel size of the gate convolution.
+        stride: stride of the gate convolution.
+        state_mode: ``'shared'`` (default), ``'carried'`` or ``'reset'``.
+        state_size: (Hs, Ws) grid the state is stored at.
+        state_slots: slots of the ``'carried'`` state (the paper used one per batch position).
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int = 3,
+            stride: int = 1,
+            state_mode: StateMode = DEFAULT_STATE_MODE,
+            state_size: Union[int, Tuple[int, int]] = 7,
+            state_slots: int = 32,
+    ):
+        super().__init__()
+        if state_mode not in STATE_MODES:
+            raise ValueError(f"Unknown state_mode {state_mode!r}; choose one of {STATE_MODES}.")
+        if kernel_size % 2 != 1:
+            raise ValueError(f'kernel_size must be odd to keep the grid aligned, got {kernel_size}.')
+        if state_slots < 1:
+            raise ValueError(f'state_slots must be >= 1, got {state_slots}.')
+        state_size = (state_size, state_size) if isinstance(state_size, int) else tuple(state_size)
+        self.in_chs = in_chs
+        self.out_chs = out_chs
+        self.stride = stride
+        self.state_mode = state_mode
+        self.conv = nn.Conv2d(in_chs, 4 * out_chs, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        slots = state_slots if state_mode == 'carried' else 1
+        self.register_buffer('state', torch.zeros(slots, out_chs, *state_size))
+        self.register_buffer('state_frozen', torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f'state_mode={self.state_mode}, state={tuple(self.state.shape)}'
+
+    @property
+    def updates_state(self) -> bool:
+        """True when a forward in the current mode writes the state."""
+        return self.training and self.state_mode != 'reset' and not bool(self.state_frozen)
+
+    def dataset_state(self) -> torch.Tensor:
+        """The dataset-level state (1, C, Hs, Ws) that eval and a frozen state read."""
+        return self.state.mean(0, keepdim=True)
+
+    def _read_state(self, batch_size: int, size: Tuple[int, int], updating: bool) -> torch.Tensor:
+        if updating and self.state_mode == 'carried':
+            slots = torch.arange(batch_size, device=self.state.device) % self.state.shape[0]
+            prev = self.state.index_select(0, slots)
+        else:
+            prev = self.dataset_state()  # a new tensor, so the in-place write cannot touch saved tensors
+        return _resize(prev, size)
+
+    @torch.no_grad()
+    def _write_state(self, c: torch.Tensor) -> None:
+        c = _resize(c.float(), tuple(self.state.shape[-2:]))
+        if self.state_mode == 'carried':
+            num_slots = self.state.shape[0]
+            slots = torch.arange(c.shape[0], device=c.device) % num_slots
+            sums = torch.zeros_like(self.state, dtype=torch.float32).index_add_(0, slots, c)
+            counts = torch.bincount(slots, minlength=num_slots).to(sums.dtype).view(-1, 1, 1, 1)
+            new = torch.where(counts > 0, sums / counts.clamp(min=1), self.state.float())
+        else:
+            new = c.mean(0, keepdim=True)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(new)
+            new /= dist.get_world_size()
+        self.state.copy_(new)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.in_chs:
+            raise ValueError(
+                f'BConvCell expects {self.in_chs} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}).')
+        i, f, o, g = self.conv(x).chunk(4, dim=1)
+        i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
+        if self.state_mode == 'reset':
+            c = i * g
+        else:
+            updating = self.updates_state
+            prev = self._read_state(x.shape[0], tuple(i.shape[-2:]), updating)
+            c = f * prev.to(f.dtype) + i * g
+            if updating:
+                self._write_state(c.detach())
+        return o * torch.tanh(c)
+
+    @torch.no_grad()
+    def reset_state(self) -> None:
+        """Zero the state (the initial state). The frozen flag is left as it is."""
+        self.state.zero_()
+
+    @torch.no_grad()
+    def freeze_state(self) -> None:
+        """Stop state updates, in train mode too; every forward reads the dataset-level state."""
+        self.state_frozen.fill_(True)
+
+    @torch.no_grad()
+    def unfreeze_state(self) -> None:
+        """Resume state updates in train mode (the inverse of :meth:`freeze_state`)."""
+        self.state_frozen.fill_(False)
+
+
+def bconv_cells(module: nn.Module) -> Iterator[BConvCell]:
+    """Every BConvCell inside ``module`` (a model, a DDP / EMA wrapper or a feature extractor)."""
+    return (m for m in module.modules() if isinstance(m, BConvCell))
+
+
+def _apply(module: nn.Module, method: str) -> int:
+    cells = list(bconv_cells(module))
+    if not cells:
+        raise ValueError(f'{type(module).__name__} holds no BConvCell: it is not a PTL model.')
+    for cell in cells:
+        getattr(cell, method)()
+    return len(cells)
+
+
+def reset_state(module: nn.Module) -> int:
+    """Zero the latent state of every cell in ``module``; returns the number of cells."""
+    return _apply(module, 'reset_state')
+
+
+def freeze_state(module: nn.Module) -> int:
+    """Freeze the latent state of every cell in ``module``; returns the number of cells."""
+    return _apply(module, 'freeze_state')
+
+
+def unfreeze_state(module: nn.Module) -> int:
+    """Unfreeze the latent state of every cell in ``module``; returns the number of cells."""
+    return _apply(module, 'unfreeze_state')
+
+
+def stride_chain(ratio: int) -> Tuple[int, ...]:
+    """Strides of the cells that take a map down by ``ratio`` (a power of two): 2, 2, ... or (1,)."""
+    if ratio < 1 or ratio & (ratio - 1):
+        raise ValueError(f'Reduction ratio between stages must be a power of two, got {ratio}.')
+    return (2,) * int(math.log2(ratio)) if ratio > 1 else (1,)

@@ -3,7 +3,13 @@
 Importing the package registers the ``ptl_*`` models in timm's registry.
 """
 from .bconv_cell import (
-    DEFAULT_STATE_MODE, STATE_MODES, BConvCell, bconv_cells, freeze_state, reset_state, unfreeze_state,
+    DEFAULT_STATE_MODE,
+    STATE_MODES,
+    BConvCell,
+    bconv_cells,
+    freeze_state,
+    reset_state,
+    unfreeze_state,
 )
 from .ptl_net import DEFAULT_WIDTH_MULT, PTLNet, resolve_cell_widths
 from .ptl_zoo import PTL_BACKBONES, checkpoint_filter_fn, create_ptl_model

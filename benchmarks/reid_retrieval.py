@@ -1,0 +1,321 @@
+"""Disjoint-class retrieval, the ReID protocol on offline data: PTL vs plain vs the cells-removed control.
+
+No person ReID data exists offline, so identities are classes of a real image set: the model trains on some
+classes (identity classifier + batch-hard triplet, P x K batches, as in ReID) and is scored by ranking a
+gallery of the other, unseen classes for each query (mAP, rank-1 with ``ptl_timm.reid.evaluate``; queries
+come from "camera 0", the gallery from "camera 1", so no same-camera exclusion applies).
+
+Variants (BNNeck ReID head, same recipe, data order and augmentation for all):
+
+- ``plain``: ``reid_mobilenetv2_100`` (the timm backbone alone).
+- ``control``: ``reid_ptl_mobilenetv2_100`` with the last cell's output replaced by zeros, so the cells
+  contribute nothing but the model, head, initialisation and optimiser are the PTL model's.
+- ``ptl``: ``reid_ptl_mobilenetv2_100``.
+- ``imagenet``: ``plain`` without any training (ImageNet features + a fresh BN), the floor to beat.
+
+Backbones start from ImageNet weights shipped in a pip package (``ptl_timm.offline_weights``). Results:
+benchmarks/results/reid_retrieval.json (one record per run) and reid_retrieval.md. Examples::
+
+    python benchmarks/reid_retrieval.py                         # Animal-MNIST, 5 seeds
+    python benchmarks/reid_retrieval.py --task fashion --seeds 3
+    python benchmarks/reid_retrieval.py --report                # the table from the JSON only
+
+With real person ReID data (not available offline), ``--data`` runs the standard protocol instead: train
+on ``bounding_box_train`` with the PTL paper's recipe (Adam 2e-4, weight decay 5e-4, amsgrad, P=4 x K=4,
+flip + random erasing, triplet margin 1.2 + CE, 400 epochs with steps at 320 and 360), then rank ``query``
+against ``bounding_box_test`` with flip-averaged features (mAP, CMC, mINP; with and without re-ranking)::
+
+    python benchmarks/reid_retrieval.py --data /data/Market-1501-v15.09.15 --model ptl_mgn_resnet50 --device cuda
+    python benchmarks/reid_retrieval.py --data /data/DukeMTMC-reID --dataset dukemtmc --model mgn_resnet50
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import core_hash, environment  # noqa: E402
+
+from ptl_timm.reid import PKBatchSampler, ReIDLoss, evaluate  # noqa: E402  (importing registers the models)
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+VARIANTS = ('imagenet', 'plain', 'control', 'ptl')
+MODELS = {'imagenet': 'reid_mobilenetv2_100', 'plain': 'reid_mobilenetv2_100', 'control': 'reid_ptl_mobilenetv2_100',
+          'ptl': 'reid_ptl_mobilenetv2_100'}
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def load_task(task: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Grey uint8 images (N, 28, 28) and class labels."""
+    from ptl_timm import data
+
+    if task == 'animal':
+        return data.load_animal_mnist()
+    if task == 'fashion':
+        return data.load_fashion_mnist('train')
+    raise ValueError(f'Unknown task {task!r}; choose animal or fashion.')
+
+
+def split(labels: np.ndarray, args: argparse.Namespace, seed: int) -> Dict[str, np.ndarray]:
+    """Train images of the train classes; query and gallery images of the other classes (disjoint)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    train_cls, test_cls = classes[:args.train_classes], classes[args.train_classes:]
+    out = {'train': [], 'query': [], 'gallery': []}
+    for c in classes:
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if c in train_cls:
+            out['train'].append(idx[:args.train_per_class])
+        else:
+            out['query'].append(idx[:args.query_per_class])
+            out['gallery'].append(idx[args.query_per_class:args.query_per_class + args.gallery_per_class])
+    assert len(test_cls) >= 2, 'need at least two unseen classes to rank'
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def to_input(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> normalised float (N, 3, size, size)."""
+    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1)
+    return (x - MEAN) / STD
+
+
+def build(variant: str, num_classes: int, img_size: int) -> torch.nn.Module:
+    from ptl_timm.offline_weights import offline_weights_file
+
+    path = offline_weights_file('mobilenetv2_100')
+    model = timm.create_model(MODELS[variant], pretrained=True, num_classes=num_classes,
+                              img_size=(img_size, img_size), pretrained_cfg_overlay=dict(file=str(path)))
+    if variant == 'control':
+        # the ladder's only way out is the last cell: zero it and the cells contribute nothing
+        model.backbone.cells[-1].register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    return model
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[s:s + batch]) for s in range(0, len(x), batch)])
+
+
+def run_one(images: np.ndarray, labels: np.ndarray, variant: str, seed: int, args: argparse.Namespace
+            ) -> Dict[str, Any]:
+    idx = split(labels, args, seed)
+    y_train = torch.from_numpy(np.unique(labels[idx['train']], return_inverse=True)[1])
+    x_train = to_input(images[idx['train']], args.img_size)
+    torch.manual_seed(seed)
+    model = build(variant, int(y_train.max()) + 1, args.img_size)
+    sampler = PKBatchSampler(y_train.tolist(), args.p, args.k, seed=seed)
+    steps = 0 if variant == 'imagenet' else args.epochs * len(sampler)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, steps), pct_start=0.15)
+    criterion = ReIDLoss(margin=args.margin, label_smoothing=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    model.train()
+    loss = torch.zeros(())
+    for _ in range(args.epochs if steps else 0):
+        for batch in sampler:
+            x = x_train[batch]
+            flip = torch.rand(len(batch), generator=gen) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            loss = criterion(model(x), y_train[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    train_s = time.time() - t0
+    q = embed(model, to_input(images[idx['query']], args.img_size))
+    g = embed(model, to_input(images[idx['gallery']], args.img_size))
+    q_pids, g_pids = labels[idx['query']], labels[idx['gallery']]
+    q_cams, g_cams = np.zeros(len(q)), np.ones(len(g))
+    res = evaluate(q, g, q_pids, g_pids, q_cams, g_cams)
+    rr = evaluate(q, g, q_pids, g_pids, q_cams, g_cams, rerank=True)
+    return dict(task=args.task, variant=variant, seed=seed, mAP=100 * res.mAP, rank1=100 * res.rank1,
+                mINP=100 * res.mINP, mAP_rerank=100 * rr.mAP, rank1_rerank=100 * rr.rank1, train_s=train_s,
+                steps=steps, final_loss=loss.item(), settings=settings(args), core=core_hash())
+
+
+def settings(args: argparse.Namespace) -> Dict[str, Any]:
+    keys = ('train_classes', 'train_per_class', 'query_per_class', 'gallery_per_class', 'img_size', 'epochs',
+            'p', 'k', 'lr', 'weight_decay', 'margin')
+    return {k: getattr(args, k) for k in keys}
+
+
+def _mean_std(v: List[float]) -> str:
+    a = np.asarray(v)
+    return f'{a.mean():.2f} +- {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}'
+
+
+def _paired(a: List[float], b: List[float]) -> str:
+    """Mean paired difference with a 95 % t-interval (t quantiles for n = 2..10)."""
+    d = np.asarray(a) - np.asarray(b)
+    if len(d) < 2:
+        return f'{d.mean():+.2f} (n={len(d)})'
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(d), 1.96)
+    half = t * d.std(ddof=1) / math.sqrt(len(d))
+    return f'{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}]'
+
+
+def report(records: List[Dict[str, Any]]) -> str:
+    lines = ['### Disjoint-class retrieval (%, mean +- std over seeds; paired differences with 95 % t-interval)', '']
+    for task in sorted({r['task'] for r in records}):
+        last = [r for r in records if r['task'] == task][-1]  # the table shows the latest settings and code
+        recs = [r for r in records if r['task'] == task and (r['settings'], r.get('core')) ==
+                (last['settings'], last.get('core'))]
+        by = {v: {r['seed']: r for r in recs if r['variant'] == v} for v in VARIANTS}
+        seeds = sorted(set.intersection(*(set(by[v]) for v in VARIANTS)))
+        if not seeds:
+            continue
+        s = recs[0]['settings']
+        lines += [f'**{task}**: train on {s["train_classes"]} classes x {s["train_per_class"]} images, rank '
+                  f'{s["query_per_class"]} queries vs {s["gallery_per_class"]} gallery images per unseen class; '
+                  f'{s["img_size"]} px, {s["epochs"]} epochs of P={s["p"]} x K={s["k"]} batches, AdamW lr '
+                  f'{s["lr"]:g}, triplet margin {s["margin"]:g} + CE; {len(seeds)} seeds.', '',
+                  '| metric | imagenet (no training) | plain | control | ptl | ptl - control | ptl - plain |',
+                  '|---|---|---|---|---|---|---|']
+        for metric in ('mAP', 'rank1', 'mINP', 'mAP_rerank'):
+            vals = {v: [by[v][sd][metric] for sd in seeds] for v in VARIANTS}
+            lines.append(f'| {metric} | ' + ' | '.join(_mean_std(vals[v]) for v in VARIANTS) +
+                         f' | {_paired(vals["ptl"], vals["control"])} | {_paired(vals["ptl"], vals["plain"])} |')
+        secs = {v: np.mean([by[v][sd]['train_s'] for sd in seeds]) for v in VARIANTS[1:]}
+        env = recs[-1].get('env', {})
+        lines += ['', 'Training time per run (s, 1 thread, shared CPU): ' +
+                  ', '.join(f'{v} {t:.0f}' for v, t in secs.items()) +
+                  f'. ptl_timm core {recs[-1].get("core")}, commit {env.get("git_commit")}, torch {env.get("torch")}, '
+                  f'timm {env.get("timm")}.', '']
+    return '\n'.join(lines)
+
+
+def run_real(args: argparse.Namespace) -> None:
+    """Train and evaluate on a real ReID dataset (Market-1501, DukeMTMC-reID, MSMT17) with the paper's recipe."""
+    from torch.utils.data import DataLoader
+    from torchvision.transforms import v2 as T
+
+    from ptl_timm.reid import ReIDDataset, read_dukemtmc, read_market1501, read_msmt17
+    from ptl_timm.reid.extract import flip_embed
+
+    reader = dict(market1501=read_market1501, dukemtmc=read_dukemtmc, msmt17=read_msmt17)[args.dataset]
+    splits = reader(args.data)
+    print(f'{args.dataset}: {splits.describe()}', flush=True)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=splits.num_train_pids).to(device)
+    size = model.pretrained_cfg['input_size'][1:]
+    norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True),
+            T.Normalize(model.pretrained_cfg['mean'], model.pretrained_cfg['std'])]
+    train_tf = T.Compose([T.Resize(size), T.RandomHorizontalFlip(), *norm, T.RandomErasing(p=0.5, value=0)])
+    test_tf = T.Compose([T.Resize(size), *norm])
+    train_ds = ReIDDataset(splits.train, train_tf)
+    loader = DataLoader(train_ds, batch_sampler=PKBatchSampler(train_ds.pids, args.p, args.k),
+                        num_workers=args.workers)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, amsgrad=True)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.milestones, gamma=0.1)
+    criterion = ReIDLoss(margin=args.margin, label_smoothing=0.0)
+
+    @torch.no_grad()
+    def features(samples):
+        dl = DataLoader(ReIDDataset(samples, test_tf), batch_size=64, num_workers=args.workers)
+        model.eval()
+        return torch.cat([flip_embed(model, x.to(device)).cpu() for x, _, _ in dl])
+
+    def score(epoch: int) -> None:
+        q, g = features(splits.query), features(splits.gallery)
+        ids = ([s.pid for s in splits.query], [s.pid for s in splits.gallery],
+               [s.camid for s in splits.query], [s.camid for s in splits.gallery])
+        for rerank in (False, True):
+            r = evaluate(q, g, *ids, rerank=rerank).summary()
+            print(f'epoch {epoch} {"re-ranked " if rerank else ""}' +
+                  ' '.join(f'{k} {v:.2f}' for k, v in r.items()), flush=True)
+
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        for x, pids, _ in loader:
+            loss = criterion(model(x.to(device)), pids.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        print(f'epoch {epoch} loss {loss.item():.4f}', flush=True)
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            score(epoch)
+            torch.save(model.state_dict(), args.checkpoint)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--task', default='animal', choices=('animal', 'fashion'))
+    p.add_argument('--seeds', type=int, default=5)
+    p.add_argument('--first-seed', type=int, default=0, help='tune on other seeds than those reported')
+    p.add_argument('--variants', default=','.join(VARIANTS))
+    p.add_argument('--train-classes', type=int, default=5)
+    p.add_argument('--train-per-class', type=int, default=40)
+    p.add_argument('--query-per-class', type=int, default=20)
+    p.add_argument('--gallery-per-class', type=int, default=100)
+    p.add_argument('--img-size', type=int, default=64)
+    # None: 6 / 4 / 8 / 1e-3 / 0.3 here, the paper's 400 / 4 / 4 / 2e-4 / 1.2 with --data
+    p.add_argument('--epochs', type=int)
+    p.add_argument('--p', type=int)
+    p.add_argument('--k', type=int)
+    p.add_argument('--lr', type=float)
+    p.add_argument('--weight-decay', type=float, default=5e-4)
+    p.add_argument('--margin', type=float)
+    p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--out', type=Path, default=RESULTS / 'reid_retrieval.json')
+    p.add_argument('--report', action='store_true', help='only rebuild the table from the JSON')
+    real = p.add_argument_group('real ReID data (--data): the standard protocol with the PTL paper recipe')
+    real.add_argument('--data', type=Path, help='dataset root, e.g. Market-1501-v15.09.15')
+    real.add_argument('--dataset', default='market1501', choices=('market1501', 'dukemtmc', 'msmt17'))
+    real.add_argument('--model', default='ptl_mgn_resnet50')
+    real.add_argument('--no-pretrained', dest='pretrained', action='store_false')
+    real.add_argument('--milestones', type=int, nargs='+', default=[320, 360])
+    real.add_argument('--eval-every', type=int, default=50)
+    real.add_argument('--workers', type=int, default=4)
+    real.add_argument('--device', default='cpu')
+    real.add_argument('--checkpoint', type=Path, default=Path('reid_model.pth'))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    real = args.data is not None
+    defaults = dict(epochs=400, lr=2e-4, margin=1.2, p=4, k=4) if real else \
+        dict(epochs=6, lr=1e-3, margin=0.3, p=4, k=8)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if real:
+        run_real(args)
+        return
+    records = json.loads(args.out.read_text()) if args.out.exists() else []
+    if not args.report:
+        images, labels = load_task(args.task)
+        key = json.dumps(settings(args), sort_keys=True)
+        core = core_hash()
+        # a rerun skips finished runs of the same settings and core code
+        done = {(r['task'], r['variant'], r['seed'], json.dumps(r['settings'], sort_keys=True)) for r in records
+                if r.get('core') == core}
+        env = environment()
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for variant in args.variants.split(','):
+                if (args.task, variant, seed, key) in done:
+                    continue
+                rec = dict(run_one(images, labels, variant, seed, args), env=env)
+                print(f"{args.task} {variant} seed {seed}: mAP {rec['mAP']:.2f} rank-1 {rec['rank1']:.2f} "
+                      f"(re-ranked mAP {rec['mAP_rerank']:.2f}) {rec['train_s']:.0f}s", flush=True)
+                records.append(rec)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(records, indent=1) + '\n')
+    table = report(records)
+    args.out.with_suffix('.md').write_text(table + '\n')
+    print(table)
+
+
+if __name__ == '__main__':
+    main()

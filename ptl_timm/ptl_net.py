@@ -4,14 +4,20 @@ The backbone runs exactly as timm defines it (its pretrained weights load unchan
 from the backbone into the branch only. For backbone stage features f_0..f_{n-1} at reductions
 r_0..r_{n-1} (timm's ``feature_info``)::
 
-    c_0 = cells[0](image)                        # stride r_0 (a chain of stride-2 cells)
-    c_k = cells[k](fuses[k-1](cat[f_{k-1}, c_{k-1}]))   # stride r_k / r_{k-1}, k = 1..n-1
+    h_0 = fuse_0(f_0)                            # 1x1 conv + BN + ReLU down to the branch width w_0
+    c_k = cell_k(h_{k-1})                        # stride r_k / r_{k-1}, k = 1..n-1
+    h_k = fuse_k(cat[f_k, c_k])                  # k = 1..n-2
     features = cat[backbone final map, c_{n-1}]  # joined before the head
 
-``fuses[k]`` is 1x1 conv + BN + ReLU. The head pools the backbone part with the backbone's own head
+A stride of 4 or more is a chain of stride-2 cells. The head pools the backbone part with the backbone's own head
 (``pre_logits``: its pooling and, e.g. for ConvNeXt, its norm) and the cell part with the same global
 pool, concatenates them and applies dropout and a fresh ``fc``. This is the reference MGN_PTL
-topology of the paper (method.md) generalised to any staged CNN.
+topology of the paper (method.md) generalised to any staged CNN, with one change by default: the branch
+starts from the backbone's first stage (the stem, a pretrained function of the image) instead of cells
+on the raw image. No cell then runs at the first stage's resolution, where the gates' element-wise
+passes made the branch cost up to 1.2x the backbone's inference time (MobileNetV2, CPU).
+``image_cells=True`` restores the paper's cells on the image: ``c_0 = cell_0(image)`` at stride r_0 and
+``h_0 = fuse_0(cat[f_0, c_0])``.
 """
 import difflib
 import logging
@@ -21,13 +27,13 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import ConvNormAct, SelectAdaptivePool2d, make_divisible
+from timm.layers import BatchNormAct2d, SelectAdaptivePool2d, make_divisible
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from .bconv_cell import DEFAULT_STATE_MODE, BConvCell, StateMode, bconv_cells, stride_chain
 
-__all__ = ['PTLNet', 'DEFAULT_WIDTH_MULT', 'resolve_cell_widths', 'check_model_name']
+__all__ = ['PTLNet', 'StageFuse', 'DEFAULT_WIDTH_MULT', 'resolve_cell_widths', 'check_model_name']
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +73,29 @@ def _prefix_pattern(pattern: str, prefix: str) -> str:
     return rf'^{re.escape(prefix)}(?:{unanchored})'
 
 
+class StageFuse(nn.Module):
+    """Fuse of a backbone stage map and the cell output beside it: ReLU(BN(conv1x1(cat[f, c]))).
+
+    The 1x1 conv of the concatenation is computed as the sum of one conv per part: the same function
+    without materialising the concatenated copy of the (large) backbone map. With ``cell_chs=0`` it only
+    projects f (the entry of the branch at a stage without a cell).
+    Shapes: f (B, feat_chs, H, W), c (B, cell_chs, H, W) -> (B, out_chs, H, W).
+    """
+
+    def __init__(self, feat_chs: int, cell_chs: int, out_chs: int):
+        super().__init__()
+        # no conv bias: the BN that follows cancels it (the reference code had one)
+        self.feat_conv = nn.Conv2d(feat_chs, out_chs, 1, bias=False)
+        self.cell_conv = nn.Conv2d(cell_chs, out_chs, 1, bias=False) if cell_chs else None
+        self.bn = BatchNormAct2d(out_chs)
+
+    def forward(self, f: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.feat_conv(f)
+        if self.cell_conv is not None:
+            x = x + self.cell_conv(c)
+        return self.bn(x)
+
+
 class PTLNet(nn.Module):
     """Progressive Transfer Learning model around a timm backbone.
 
@@ -77,7 +106,8 @@ class PTLNet(nn.Module):
         global_pool: global pooling of the head, for the backbone part and the cell part alike.
         drop_rate: dropout before ``fc``.
         width_mult: cell width per stage as a fraction of the backbone stage's channels.
-        cell_widths: explicit cell width per stage (overrides ``width_mult``).
+        cell_widths: explicit branch width w_k of every backbone stage (overrides ``width_mult``).
+        image_cells: start the ladder with cells on the image as the paper did, instead of on f_0.
         state_mode: latent state rule of every cell, see :class:`BConvCell`.
         state_slots: slots of the ``'carried'`` state.
         img_size: nominal input size; the cells store their state at the grid it gives
@@ -102,6 +132,7 @@ class PTLNet(nn.Module):
             state_slots: int = 32,
             img_size: Optional[Union[int, Tuple[int, int]]] = None,
             kernel_size: int = 3,
+            image_cells: bool = False,
             **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -117,36 +148,43 @@ class PTLNet(nn.Module):
         stage_info = self.backbone.feature_info
         stage_chs = [info['num_chs'] for info in stage_info]
         reductions = [info['reduction'] for info in stage_info]
+        self.image_cells = image_cells
+        self.first_cell_stage = first = 0 if image_cells else 1
+        if len(stage_chs) < 2:
+            raise ValueError(f'{backbone} reports {len(stage_chs)} stage(s); PTL needs at least two.')
         self.cell_widths = resolve_cell_widths(stage_chs, width_mult, cell_widths)
         if img_size is None:
             img_size = self.backbone.pretrained_cfg.get('input_size', (in_chans, 224, 224))[-2:]
-        grid = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self.img_size = grid
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
         cell_args = dict(kernel_size=kernel_size, state_mode=state_mode, state_slots=state_slots)
         self.cells = nn.ModuleList()
         self.fuses = nn.ModuleList()
-        in_chs, prev_reduction = in_chans, 1
-        for k, (chs, reduction, width) in enumerate(zip(stage_chs, reductions, self.cell_widths)):
-            if reduction % prev_reduction:
+        in_chs, prev_reduction = (in_chans, 1) if image_cells else (self.cell_widths[0], reductions[0])
+        grid = tuple(-(-s // prev_reduction) for s in self.img_size)
+        if not image_cells:
+            self.fuses.append(StageFuse(stage_chs[0], 0, self.cell_widths[0]))
+        for k in range(first, len(stage_chs)):
+            width = self.cell_widths[k]
+            if reductions[k] % prev_reduction:
                 raise ValueError(
-                    f'{backbone}: stage {k} reduction {reduction} is not a multiple of {prev_reduction}; '
+                    f'{backbone}: stage {k} reduction {reductions[k]} is not a multiple of {prev_reduction}; '
                     'PTL needs stages that downsample by powers of two.')
             chain = []
-            for stride in stride_chain(reduction // prev_reduction):
+            for stride in stride_chain(reductions[k] // prev_reduction):
                 grid = (-(-grid[0] // stride), -(-grid[1] // stride))
                 chain.append(BConvCell(in_chs, width, stride=stride, state_size=grid, **cell_args))
                 in_chs = width
             self.cells.append(nn.Sequential(*chain))
             if k < len(stage_chs) - 1:
-                # no conv bias: it would be cancelled by the BN that follows (the reference had one)
-                self.fuses.append(ConvNormAct(chs + width, width, 1))
-            prev_reduction = reduction
+                self.fuses.append(StageFuse(stage_chs[k], width, width))
+            prev_reduction = reductions[k]
 
         self.num_stages = len(stage_chs)
+        widths = [0] * first + self.cell_widths[first:]
         self.feature_info = [
             dict(num_chs=chs + width, reduction=reduction, module=f'backbone.{info["module"]}')
-            for chs, width, reduction, info in zip(stage_chs, self.cell_widths, reductions, stage_info)
+            for chs, width, reduction, info in zip(stage_chs, widths, reductions, stage_info)
         ]
         self.backbone_features = self.backbone.num_features
         self.num_features = self.backbone_features + self.cell_widths[-1]
@@ -266,17 +304,18 @@ class PTLNet(nn.Module):
                 f'{tuple(x.shape)}. Create the model with in_chans={x.shape[1] if x.ndim == 4 else "..."} '
                 'or convert the images.')
 
-    def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Cell output c_k (B, w_k, H_k, W_k) at every stage k given the backbone stage features."""
-        outs = []
+    def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """Cell output c_k (B, w_k, H_k, W_k) of every stage given its features (None: no cell there)."""
+        first = self.first_cell_stage
+        outs: List[Optional[torch.Tensor]] = []
         h = x
         for k, feat in enumerate(feats):
-            if k:
-                h = self.fuses[k - 1](torch.cat([feats[k - 1], h], dim=1))
-            h = self.cells[k](h)
-            if h.shape[-2:] != feat.shape[-2:]:  # odd sizes: padding rules differ by a pixel
-                h = F.interpolate(h, size=feat.shape[-2:], mode='bilinear', align_corners=False)
-            outs.append(h)
+            c = self.cells[k - first](h) if k >= first else None
+            if c is not None and c.shape[-2:] != feat.shape[-2:]:  # odd sizes: padding rules differ by a pixel
+                c = F.interpolate(c, size=feat.shape[-2:], mode='bilinear', align_corners=False)
+            outs.append(c)
+            if k < len(self.fuses):
+                h = self.fuses[k](feat, c)
         return outs
 
     def forward_intermediates(
@@ -288,8 +327,8 @@ class PTLNet(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage features cat[f_k, c_k] (B, C_k + w_k, H/r_k, W/r_k), and the final features unless
-        ``intermediates_only``. Indices follow the backbone's ``feature_info``."""
+        """Stage features cat[f_k, c_k] (B, C_k + w_k, H/r_k, W/r_k) (f_k alone before the first cell
+        stage), and the final features unless ``intermediates_only``. Indices follow ``feature_info``."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
         self._check_input(x)
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
@@ -297,7 +336,7 @@ class PTLNet(nn.Module):
         final, feats = self.backbone.forward_intermediates(
             x, indices=upto, norm=norm, stop_early=upto is not None, intermediates_only=False)
         outs = self._ladder(x, feats)
-        intermediates = [torch.cat([feats[k], outs[k]], dim=1) for k in take_indices]
+        intermediates = [feats[k] if outs[k] is None else torch.cat([feats[k], outs[k]], dim=1) for k in take_indices]
         if intermediates_only:
             return intermediates
         if len(outs) == self.num_stages:
@@ -313,7 +352,7 @@ class PTLNet(nn.Module):
         """Drop the stages (backbone and ladder) after the last of ``indices``, and the head."""
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         self.backbone.prune_intermediate_layers(take_indices, prune_norm=prune_norm, prune_head=prune_head)
-        self.cells = self.cells[:max_index + 1]
+        self.cells = self.cells[:max(max_index + 1 - self.first_cell_stage, 0)]
         self.fuses = self.fuses[:max_index]
         self.num_stages = max_index + 1
         if prune_head:

@@ -117,26 +117,27 @@ def _rerank_reference(qf, gf, k1, k2, lam):
     return (jac * (1 - lam) + d[:nq] * lam)[:, nq:]
 
 
-def test_re_ranking_matches_dense_reference():
+@pytest.mark.parametrize('k1,k2', [(8, 3), (5, 1)])
+def test_re_ranking_matches_dense_reference(k1, k2):
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(5, 6)) * 2
     qf = centres[rng.integers(0, 5, 12)] + rng.normal(size=(12, 6))
     gf = centres[rng.integers(0, 5, 40)] + rng.normal(size=(40, 6))
-    ref = _rerank_reference(qf, gf, k1=8, k2=3, lam=0.3)
+    ref = _rerank_reference(qf, gf, k1=k1, k2=k2, lam=0.3)
     for chunk in (None, 5):
-        got = re_ranking(qf, gf, metric='euclidean', k1=8, k2=3, lambda_value=0.3, chunk_size=chunk)
+        got = re_ranking(qf, gf, metric='euclidean', k1=k1, k2=k2, lambda_value=0.3, chunk_size=chunk)
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-5)
 
 
 def test_re_ranking_improves_clustered_retrieval_and_evaluates():
     # noisy, clustered features: re-ranking with the default k1=20, k2=6, lambda=0.3 must not hurt mAP
     gen = torch.Generator().manual_seed(0)
-    centres = torch.randn(8, 16, generator=gen)
-    g_pids = torch.arange(8).repeat_interleave(20)
-    q_pids = torch.arange(8).repeat_interleave(3)
-    gf = centres[g_pids] + 0.9 * torch.randn(160, 16, generator=gen)
-    qf = centres[q_pids] + 0.9 * torch.randn(24, 16, generator=gen)
-    q_cams, g_cams = torch.zeros(24), torch.ones(160)
+    centres = torch.randn(6, 16, generator=gen)
+    g_pids = torch.arange(6).repeat_interleave(16)
+    q_pids = torch.arange(6).repeat_interleave(3)
+    gf = centres[g_pids] + 0.9 * torch.randn(96, 16, generator=gen)
+    qf = centres[q_pids] + 0.9 * torch.randn(18, 16, generator=gen)
+    q_cams, g_cams = torch.zeros(18), torch.ones(96)
     plain = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams)
     reranked = evaluate(qf, gf, q_pids, g_pids, q_cams, g_cams, rerank=True, chunk_size=7)
     assert reranked.mAP > plain.mAP

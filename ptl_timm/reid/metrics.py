@@ -269,32 +269,41 @@ def _pair_dist2(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, metric:
     return (a - b).pow(2).sum(-1)
 
 
-def _k_reciprocal(nn_idx: torch.Tensor, i: int, k: int) -> torch.Tensor:
-    """Indices j among i's k nearest with i among j's k nearest (both lists include the point itself)."""
-    fwd = nn_idx[i, :k + 1]
-    back = nn_idx[fwd, :k + 1]
-    return fwd[(back == i).any(1)]
+def _reciprocal(nn_idx: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """k nearest (+ itself) of each of ``rows`` (R, k') and the mask of the k-reciprocal ones: j is among i's
+    k nearest and i among j's."""
+    fwd = nn_idx[rows, :k + 1]
+    back = nn_idx[fwd][..., :k + 1]
+    return fwd, (back == rows[:, None, None]).any(-1)
 
 
 def _encode_rows(
-        x: torch.Tensor, nn_idx: torch.Tensor, row_max: torch.Tensor, metric: Metric, k1: int,
+        x: torch.Tensor, nn_idx: torch.Tensor, row_max: torch.Tensor, metric: Metric, k1: int, chunk_size: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse rows V_i of the k-reciprocal encoding as COO arrays (row, col, value)."""
-    half = int(round(k1 / 2))
-    rows, cols = [], []
-    for i in range(len(x)):
-        r = _k_reciprocal(nn_idx, i, k1)
-        expansion = [r]
-        for c in r.tolist():
-            rc = _k_reciprocal(nn_idx, c, half)
-            if torch.isin(rc, r).sum() > 2.0 / 3.0 * len(rc):
-                expansion.append(rc)
-        idx = torch.unique(torch.cat(expansion))
-        rows.append(torch.full_like(idx, i))
-        cols.append(idx)
-    rows_t, cols_t = torch.cat(rows), torch.cat(cols)
+    """Sparse rows V_i of the k-reciprocal encoding as COO arrays (row, col, value), vectorised by row chunks.
+
+    The set of i is R(i, k1) expanded by every R(c, k1/2), c in R(i, k1), that shares more than 2/3 of its
+    members with R(i, k1); V_i weighs its members by exp(-d(i, j)), normalised to sum 1.
+    """
+    n = len(x)
+    half_fwd, half_mask = _reciprocal(nn_idx, torch.arange(n), int(round(k1 / 2)))
+    # rows per chunk: the membership test below holds chunk * k'^2 * k'/2 booleans
+    step = max(1, _BLOCK_ELEMENTS // (nn_idx.shape[1] ** 2 * half_fwd.shape[1]))
+    keys = []
+    for s in range(0, n, step):
+        rows = torch.arange(s, min(n, s + step))
+        fwd, mask = _reciprocal(nn_idx, rows, k1)                    # R(i): (c, K)
+        cand, cand_mask = half_fwd[fwd], half_mask[fwd]                # R(c, k1/2) of each neighbour: (c, K, H)
+        shared = ((cand[..., None] == fwd[:, None, None, :]) & mask[:, None, None, :]).any(-1) & cand_mask
+        take = mask & (shared.sum(-1) > 2.0 / 3.0 * cand_mask.sum(-1))
+        owner = rows[:, None].expand_as(fwd)
+        extra = take[..., None] & cand_mask
+        keys.append(torch.cat([owner[mask] * n + fwd[mask],
+                               owner[:, :, None].expand_as(cand)[extra] * n + cand[extra]]))
+    keys = torch.unique(torch.cat(keys))
+    rows_t, cols_t = keys // n, keys % n
     w = torch.exp(-_pair_dist2(x, rows_t, cols_t, metric) / row_max[rows_t])
-    w = w / torch.zeros(len(x), dtype=torch.float64).index_add_(0, rows_t, w)[rows_t]
+    w = w / torch.zeros(n, dtype=torch.float64).index_add_(0, rows_t, w)[rows_t]
     return rows_t, cols_t, w
 
 
@@ -332,7 +341,7 @@ def _re_ranking_blocks(
     chunk_size = chunk_size or default_chunk_size(n)
     nn_idx, row_max = _top_neighbours(x, metric, min(n, k1 + 1), chunk_size)
     row_max = row_max.clamp(min=torch.finfo(torch.float64).tiny)
-    v_rows, v_cols, v_vals = _coalesce(*_encode_rows(x, nn_idx, row_max, metric, k1), n)
+    v_rows, v_cols, v_vals = _encode_rows(x, nn_idx, row_max, metric, k1, chunk_size)
     if k2 > 1:
         # local query expansion: V_i <- mean of V_j over i's k2 nearest neighbours
         kk = min(k2, nn_idx.shape[1])

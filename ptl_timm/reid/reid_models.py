@@ -212,7 +212,7 @@ class MGN(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
-            stem=r'^conv1|bn1|maxpool',
+            stem=r'^conv1|^bn1|^maxpool',
             blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)',
             branches=r'^branches\.(\d+)' if coarse else r'^branches\.(\d+)\.layer(\d+)',
             head=r'^cells|^fuses|^branch_cells|^reductions|^classifiers',
@@ -314,8 +314,9 @@ class ReIDNet(nn.Module):
             backbone_kwargs['img_size'] = self.img_size
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans,
                                           **backbone_kwargs)
-        self.num_features = self.head_hidden_size = self.backbone.num_features if not isinstance(
-            self.backbone, PTLNet) else self.backbone.head_hidden_size
+        # width of forward_head(pre_logits=True), which can differ from num_features (e.g. a conv head after pooling)
+        self.num_features = self.head_hidden_size = getattr(self.backbone, 'head_hidden_size', None) or \
+            self.backbone.num_features
         self.neck = nn.BatchNorm1d(self.num_features)
         self.neck.bias.requires_grad_(False)  # BNNeck: no shift, the embedding stays centred
         self.classifier = self._classifier(num_classes)

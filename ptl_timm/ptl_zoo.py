@@ -20,6 +20,7 @@ from timm.models import (
     split_model_name_tag,
 )
 
+from .hub import manifest_pretrained_cfgs, tag_model_args
 from .ptl_net import PTLNet, check_model_name
 
 __all__ = ['create_ptl_model', 'checkpoint_filter_fn', 'ptl_pretrained_cfgs', 'PTL_BACKBONES']
@@ -129,6 +130,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PTLNet) -> 
 
 def _create_ptl(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> PTLNet:
     kwargs.setdefault('feature_cfg', dict(feature_cls='getter', out_indices=None))
+    # a full-PTL tag (weights/manifest.json) rebuilds the model its checkpoint holds: cell widths, state grid...
+    kwargs = dict(tag_model_args(variant, kwargs.get('pretrained_cfg')), **kwargs)
     return build_model_with_cfg(
         PTLNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -158,7 +161,8 @@ def create_ptl_model(backbone: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 default_cfgs = generate_default_cfgs({
-    name: cfg for backbone in PTL_BACKBONES for name, cfg in ptl_pretrained_cfgs(backbone).items()
+    **{name: cfg for backbone in PTL_BACKBONES for name, cfg in ptl_pretrained_cfgs(backbone).items()},
+    **manifest_pretrained_cfgs(),  # full-PTL tags of weights/manifest.json, after the backbone tags (not default)
 })
 
 

@@ -1,0 +1,168 @@
+"""The ``python -m ptl_timm`` command line, end to end in subprocesses: list, info, export, push, and the
+errors (one line, no traceback, exit status 2)."""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
+from safetensors.torch import load_file
+from timm.utils import CheckpointSaver, ModelEmaV3
+
+import ptl_timm  # noqa: F401
+from ptl_timm import cli, hub
+from ptl_timm.data import load_animal_mnist
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SIZE = 32
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Small models: threads only add overhead (and oversubscribe a shared CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A clean environment: its own empty Hub cache, offline, no token."""
+    dropped = ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE', 'HF_ENDPOINT')
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env.update(HF_HOME=str(tmp_path / 'hf'), HF_HUB_CACHE=str(tmp_path / 'hf' / 'hub'), HF_HUB_OFFLINE='1',
+               HF_TOKEN_PATH=str(tmp_path / 'hf' / 'no-token'), OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')])))
+    return env
+
+
+def run(env, *args):
+    return subprocess.run([sys.executable, '-m', 'ptl_timm', *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_clean_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    assert 'Traceback' not in result.stderr and result.stderr.startswith('error: '), result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    """A train.py-format checkpoint (timm's CheckpointSaver, EMA on) of ptl_resnet18 after a few steps on
+    real Animal-MNIST images, and the trained model."""
+    images, labels = load_animal_mnist()
+    x = torch.from_numpy(images[:32]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    x, y = F.interpolate(x, size=(SIZE, SIZE), mode='bilinear', align_corners=False), torch.from_numpy(labels[:32])
+    torch.manual_seed(0)
+    model = timm.create_model('ptl_resnet18', num_classes=10, img_size=SIZE, state_mode='carried', state_slots=4)
+    ema = ModelEmaV3(model, decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for i in range(0, 32, 8):
+        loss = F.cross_entropy(model(x[i:i + 8]), y[i:i + 8])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+    root = tmp_path_factory.mktemp('cli')
+    args = argparse.Namespace(model='ptl_resnet18', num_classes=10, img_size=SIZE, input_size=None, in_chans=3,
+                              gp=None, mean=None, std=None,
+                              model_kwargs=dict(img_size=SIZE, state_mode='carried', state_slots=4))
+    CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(root), recovery_dir=str(root),
+                    max_history=1).save_checkpoint(0, metric=1.0)
+    return dict(path=root / 'last.pth.tar', ema=ema.module.eval(), root=root)
+
+
+def test_list_shows_models_backbone_tags_and_manifest_checkpoints(env):
+    result = run(env, 'list')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for name in timm.list_models('ptl_*'):
+        assert any(line.startswith(name + ' ') for line in lines), name
+    for name, entry in hub.load_manifest().items():
+        assert any(name in line and entry['status'] in line and entry['hf_hub_id'] in line for line in lines)
+
+
+def test_info_reports_config_params_stages_and_cell_widths(env):
+    result = run(env, 'info', 'ptl_resnet18', '--model-kwargs', 'num_classes=5', f'img_size={SIZE}')
+    assert result.returncode == 0, result.stderr
+    model = timm.create_model('ptl_resnet18', num_classes=5, img_size=SIZE)
+    out = result.stdout
+    assert f'cell_widths: {list(model.cell_widths)}' in out
+    assert f'params: {sum(p.numel() for p in model.parameters())}' in out
+    assert 'num_classes: 5' in out and 'state_mode: shared' in out
+    rows = [line.split() for line in out.splitlines() if line.startswith('  ') and line.split()[0].isdigit()]
+    assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
+        (k, info['reduction'], info['num_chs']) for k, info in enumerate(model.backbone.feature_info)]
+    assert [int(r[3]) for r in rows if r[3] != '-'] == [cells[-1].out_chs for cells in model.cells]
+
+
+def test_export_ema_end_to_end_then_push_fails_cleanly_offline(env, checkpoint, tmp_path):
+    out = tmp_path / 'export'
+    result = run(env, 'export', checkpoint['path'], out, '--ema')
+    assert result.returncode == 0, result.stderr
+    assert 'state_dict_ema' in result.stdout and 'bit-identical' in result.stdout
+    for name in ('model.safetensors', 'config.json', 'README.md'):
+        assert f'{name}  sha256 {hub.file_sha256(out / name)}' in result.stdout
+    weights = load_file(str(out / 'model.safetensors'))
+    assert all(torch.equal(weights[k], v) for k, v in checkpoint['ema'].state_dict().items())
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert loaded.state_mode == 'carried' and loaded.cells[0][0].state.shape[0] == 4
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), checkpoint['ema'](x))
+
+    assert_clean_error(run(env, 'push', out, 'someone/ptl_resnet18.test'), 'someone/ptl_resnet18.test',
+                       'HF_HUB_OFFLINE')
+    checkpoint['export'] = out
+
+
+def in_process(capsys, *args):
+    """``cli.main`` in this process (cheaper than a subprocess); returns (exit status, stderr)."""
+    status = cli.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert err == '' if status == 0 else (err.startswith('error: ') and err.count('\n') == 1), err
+    return status, err
+
+
+def test_errors_are_one_line_with_exit_status_2(checkpoint, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / 'hub'
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    status, err = in_process(capsys, 'info', 'hf-hub:someone/not-cached')
+    assert status == 2 and 'someone/not-cached' in err and str(cache) in err and 'HF_HUB_OFFLINE' in err
+    status, err = in_process(capsys, 'export', tmp_path / 'missing.pth.tar', tmp_path / 'o')
+    assert status == 2 and 'missing.pth.tar' in err
+    truncated = tmp_path / 'truncated.pth.tar'
+    data = checkpoint['path'].read_bytes()
+    truncated.write_bytes(data[:len(data) // 3])
+    status, err = in_process(capsys, 'export', truncated, tmp_path / 'o')
+    assert status == 2 and 'truncated' in err
+    status, err = in_process(capsys, 'push', tmp_path, 'someone/x')
+    assert status == 2 and 'model.safetensors' in err and 'python -m ptl_timm export' in err
+    if 'export' in checkpoint:  # online mode but no token: refused before any network call
+        monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+        monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
+        for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
+            monkeypatch.delenv(var, raising=False)
+        status, err = in_process(capsys, 'push', checkpoint['export'], 'someone/x')
+        assert status == 2 and 'not logged in' in err and 'HF_TOKEN' in err
+
+
+def test_manifest_table_and_zoo_check(capsys, tmp_path):
+    assert cli.main(['manifest-table']) == 0
+    assert capsys.readouterr().out == hub.manifest_table()
+    assert cli.main(['zoo', '--check']) == 0
+    doc = tmp_path / 'doc.md'
+    doc.write_text('before\n<!-- manifest-table -->\nold table\n<!-- /manifest-table -->\nafter\n')
+    assert cli.main(['manifest-table', '--update', str(doc)]) == 0
+    table = f'<!-- manifest-table -->\n{hub.manifest_table()}<!-- /manifest-table -->'
+    assert doc.read_text() == f'before\n{table}\nafter\n'

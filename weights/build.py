@@ -1,0 +1,185 @@
+"""Build a checkpoint of weights/manifest.json from its recipe, export it, measure it and update the manifest.
+
+    python weights/build.py ptl_mobilenetv2_100.animal_mnist --out /tmp/ptl-export
+
+Trains with the recipe stored in the manifest entry (offline ImageNet backbone weights, offline data),
+saves a train.py-format checkpoint with timm's CheckpointSaver, exports it with
+``python -m ptl_timm export`` (the code path users run), loads the export back with
+``timm.create_model('local-dir:...')`` to measure the test accuracy, then writes the measured results,
+the exported config.json and the sha256 of model.safetensors into the manifest and re-renders the model
+cards. The status stays "not yet published" until ``python -m ptl_timm push`` has uploaded the folder.
+
+    python weights/build.py ptl_mobilenetv2_100.animal_mnist --config-only
+
+rewrites only the entry's config.json for the current code (no training); when it changes (e.g. a new
+ptl_timm default), the measured results and the sha256 no longer describe a checkpoint this code builds,
+so they are cleared until the next full build.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.utils import CheckpointSaver
+
+import ptl_timm  # noqa: F401  registers the ptl_* models
+from ptl_timm.cli import TABLE_MARKERS
+from ptl_timm.data import few_shot_split, load_animal_mnist
+from ptl_timm.hub import MANIFEST_PATH, WEIGHTS_NAME, load_manifest, manifest_table, render_zoo, save_pretrained
+from ptl_timm.offline_weights import create_offline_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# data loaders of the recipes' datasets: uint8 images (N, H, W[, 3]) and int64 labels
+DATASETS = {'Animal-MNIST': load_animal_mnist}
+
+
+def _batch(images: np.ndarray, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W[, 3]) -> normalised float (B, 3, size, size), grey images repeated on 3 channels."""
+    x = torch.from_numpy(images).float().div_(255)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, size: int, mean, std) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), 256):
+        logits = model(_batch(images[i:i + 256], size, mean, std))
+        correct += int((logits.argmax(1) == torch.from_numpy(labels[i:i + 256])).sum())
+    return 100.0 * correct / len(images)
+
+
+def train_args(arch: str, num_classes: int, recipe: dict, mean, std) -> argparse.Namespace:
+    """What train.py would store in its checkpoint; the export reads model kwargs and preprocessing from it."""
+    return argparse.Namespace(
+        model=arch, num_classes=num_classes, img_size=recipe['img_size'], input_size=None, in_chans=3, gp=None,
+        model_kwargs=dict(img_size=recipe['img_size'], **recipe['model_kwargs']), mean=tuple(mean), std=tuple(std),
+        crop_pct=1.0, interpolation='bilinear')
+
+
+def update_manifest(name: str, **changes) -> None:
+    """Write ``changes`` into the manifest entry, then re-render the cards and the README tables."""
+    manifest = json.loads(MANIFEST_PATH.read_text())
+    for e in manifest['checkpoints']:
+        if e['name'] == name:
+            e.update(changes)
+    tmp_path = MANIFEST_PATH.with_suffix('.tmp')
+    tmp_path.write_text(json.dumps(manifest, indent=2) + '\n')
+    os.replace(tmp_path, MANIFEST_PATH)
+    for path, text in render_zoo().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    table = manifest_table()
+    for doc in (REPO_ROOT / 'docs' / 'readme' / 'hub.md', REPO_ROOT / 'README.md'):
+        text = doc.read_text() if doc.is_file() else ''
+        start, end = (text.find(m) for m in TABLE_MARKERS)
+        if 0 <= start < end:
+            doc.write_text(text[:start + len(TABLE_MARKERS[0])] + table + text[end:])
+
+
+def config_only(name: str) -> bool:
+    """Regenerate the entry's config.json with the current code; True when it changed."""
+    entry = load_manifest()[name]
+    recipe, arch = entry['recipe'], name.split('.')[0]
+    model = timm.create_model(arch, num_classes=entry['config']['num_classes'], img_size=recipe['img_size'],
+                              **recipe['model_kwargs'])
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    args = train_args(arch, model.num_classes, recipe, data_cfg['mean'], data_cfg['std'])
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp, license=entry['licence'], data_config={
+            k: getattr(args, k) for k in ('img_size', 'mean', 'std', 'crop_pct', 'interpolation')})
+        config = json.loads((Path(tmp) / 'config.json').read_text())
+    if config == entry['config']:
+        return False
+    update_manifest(name, config=config, results=None, files=None)
+    return True
+
+
+def build(name: str, out: Path, update: bool) -> dict:
+    entry = load_manifest()[name]
+    recipe = entry['recipe']
+    arch = name.split('.')[0]
+    torch.manual_seed(recipe['seed'])
+    images, labels = DATASETS[entry['data']['name']]()
+    split = few_shot_split(labels, recipe['train_per_class'], seed=recipe['seed'],
+                           val_per_class=recipe['val_per_class'], test_per_class=recipe['test_per_class'])
+    size = recipe['img_size']
+    model = create_offline_model(arch, num_classes=int(labels.max()) + 1, img_size=size, **recipe['model_kwargs'])
+    data_cfg = timm.data.resolve_data_config({}, model=model)
+    mean, std = torch.tensor(data_cfg['mean']), torch.tensor(data_cfg['std'])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe['lr'], weight_decay=recipe['weight_decay'])
+    steps_per_epoch = -(-len(split.train) // recipe['batch_size'])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe['lr'],
+                                                    total_steps=recipe['epochs'] * steps_per_epoch)
+    rng = np.random.default_rng(recipe['seed'])
+    args = train_args(arch, model.num_classes, recipe, data_cfg['mean'], data_cfg['std'])
+    with tempfile.TemporaryDirectory() as tmp:
+        saver = CheckpointSaver(model, optimizer, args=args, checkpoint_dir=tmp,
+                                recovery_dir=tmp, max_history=1)
+        for epoch in range(recipe['epochs']):
+            model.train()
+            order = rng.permutation(split.train)
+            for i in range(0, len(order), recipe['batch_size']):
+                idx = order[i:i + recipe['batch_size']]
+                x = _batch(images[idx], size, mean, std)
+                if recipe['hflip']:
+                    flip = torch.rand(len(idx)) < 0.5
+                    x[flip] = x[flip].flip(-1)
+                loss = F.cross_entropy(model(x), torch.from_numpy(labels[idx]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+            val = accuracy(model, images[split.val], labels[split.val], size, mean, std)
+            print(f'epoch {epoch}: loss {loss.item():.4f} val top1 {val:.2f}', flush=True)
+            saver.save_checkpoint(epoch, metric=val)
+        checkpoint = Path(tmp) / 'last.pth.tar'
+        subprocess.run([sys.executable, '-m', 'ptl_timm', 'export', str(checkpoint), str(out),
+                        '--repo-id', entry['hf_hub_id'], '--license', entry['licence']], check=True)
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
+    results = dict(
+        top1_test=round(accuracy(loaded, images[split.test], labels[split.test], size, mean, std), 2),
+        top1_val=round(accuracy(loaded, images[split.val], labels[split.val], size, mean, std), 2),
+        n_train=len(split.train), n_val=len(split.val), n_test=len(split.test),
+        measured=f'{datetime.date.today()} on {platform.machine()} CPU, torch {torch.__version__}, '
+                 f'timm {timm.__version__}, 1 seed ({recipe["seed"]})',
+    )
+    weights = out / WEIGHTS_NAME
+    files = {WEIGHTS_NAME: dict(sha256=ptl_timm.hub.file_sha256(weights), bytes=weights.stat().st_size)}
+    print(json.dumps(dict(results=results, files=files), indent=1))
+    if update:
+        update_manifest(name, results=results, files=files, config=json.loads((out / 'config.json').read_text()))
+        # the folder push uploads carries the zoo card (task, data, results), not the generic export card
+        (out / 'README.md').write_text((MANIFEST_PATH.parent / name / 'README.md').read_text())
+    return dict(results=results, files=files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('name', help='a manifest entry, e.g. ptl_mobilenetv2_100.animal_mnist')
+    parser.add_argument('--out', type=Path, help='export folder (model.safetensors, config, card)')
+    parser.add_argument('--no-update', action='store_true', help='do not write results into the manifest')
+    parser.add_argument('--config-only', action='store_true', help='only regenerate the config (no training)')
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if args.config_only:
+        print(f'{args.name}: config {"updated, results cleared" if config_only(args.name) else "unchanged"}.')
+    elif args.out is None:
+        parser.error('--out is required to build')
+    else:
+        build(args.name, args.out, update=not args.no_update)
+
+
+if __name__ == '__main__':
+    main()

@@ -55,7 +55,7 @@ def cmd_list(args: argparse.Namespace) -> None:
             for tag in tags:
                 cfg = get_pretrained_cfg(f'{model_name}.{tag}')
                 kind = 'full PTL' if f'{model_name}.{tag}' in manifest else 'backbone only'
-                print(f'    {model_name}.{tag:24s} {kind:13s} {cfg.hf_hub_id or cfg.url or "-"}')
+                print(f'    {f"{model_name}.{tag}":48s} {kind:13s} {cfg.hf_hub_id or cfg.url or "-"}')
     if manifest:
         print('\nFull PTL checkpoints (weights/manifest.json):')
         for name, entry in manifest.items():

@@ -209,7 +209,7 @@ def export_checkpoint(
     """Export a checkpoint (see :func:`read_checkpoint`) to a Hub-ready folder and verify it.
 
     The model is rebuilt from ``model_name`` (default: the checkpoint's ``arch``), the train.py arguments
-    stored in the checkpoint, what the tensors tell (classes, cell widths) and ``model_kwargs`` (highest
+    stored in the checkpoint, what the tensors tell (classes, slots of a 'carried' state) and ``model_kwargs`` (highest
     priority); the weights load through ``checkpoint_filter_fn`` (mismatching keys are listed). The folder
     is then loaded back with ``timm.create_model('local-dir:...')`` and must give bit-identical eval outputs.
     Returns a summary: model name, model_args, source state_dict, {file: sha256}, the folder.
@@ -237,7 +237,8 @@ def export_checkpoint(
     try:
         model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
     except ValueError as e:
-        raise ValueError(f'{e}\nPass the settings with --model-kwargs (e.g. img_size=64 state_mode=carried).') from e
+        raise ValueError(f'{e}\nPass the settings it was trained with: --model-kwargs img_size=64 ... on the command '
+                         'line, model_kwargs=dict(...) in Python.') from e
     model.eval()
 
     data = {k: train_args[k] for k in _TRAIN_DATA_ARGS if train_args.get(k) is not None}
@@ -262,8 +263,7 @@ def export_checkpoint(
 def _verify_round_trip(model: PTLNet, directory: Path) -> None:
     """Load ``directory`` the way users will and demand bit-identical eval outputs (latent state included)."""
     loaded = timm.create_model(f'local-dir:{directory}', pretrained=True).eval()
-    torch.manual_seed(0)
-    x = torch.randn(2, model.in_chans, *model.img_size)
+    x = torch.randn(2, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(0))
     if not torch.equal(model(x), loaded(x)):
         raise HubError(f'The export in {directory} does not reproduce the model exactly; please report this bug.')
 
@@ -288,7 +288,7 @@ def _manifest_note(repo_id: str) -> str:
     if entry is None or entry['status'] == 'published':
         return ''
     return (f' {entry["name"]} is listed in weights/manifest.json as "{entry["status"]}": build it with '
-            f'`{entry["command"]}` and place the folder in the cache, or use local-dir:.')
+            f'`{entry["command"]}`, then load that folder with local-dir:PATH.')
 
 
 def _weights_path(kind: str, location: str, cache_dir: Optional[Union[str, Path]]) -> Optional[Path]:
@@ -493,7 +493,7 @@ def model_card(
     args = config.get('model_args', {})
     cfg = config.get('pretrained_cfg', {})
     name = repo_id or (entry['hf_hub_id'] if entry else arch)
-    licence = entry['licence'] if entry else 'other'
+    licence = entry['licence'] if entry else cfg.get('license', 'other')
     lines = ['---', 'library_name: timm', f'license: {licence}', 'pipeline_tag: image-classification',
              'tags:', '- image-classification', '- timm', '- ptl_timm', '- progressive-transfer-learning', '---',
              f'# {name}', '']
@@ -534,7 +534,9 @@ def model_card(
         lines += ['', '## Training', '', f'- Data: {data["name"]} ({data["source"]}), licence {data["licence"]}. '
                   f'{data.get("split", "")}'.rstrip(),
                   f'- Backbone initialisation: {bb["source"]}, licence {bb["licence"]}.',
-                  f'- Recipe: {entry["recipe"]}', '', 'Reproduce:', '', '```bash', entry['command'], '```', '',
+                  '- Recipe (weights/build.py: AdamW, one-cycle learning rate, cross-entropy): '
+                  + ', '.join(f'{k}={_fmt(v)}' for k, v in entry['recipe'].items()) + '.',
+                  '', 'Reproduce:', '', '```bash', entry['command'], '```', '',
                   '## Results', '']
         results = entry['results']
         if results:

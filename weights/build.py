@@ -171,8 +171,9 @@ def main() -> None:
     parser.add_argument('--out', type=Path, help='export folder (model.safetensors, config, card)')
     parser.add_argument('--no-update', action='store_true', help='do not write results into the manifest')
     parser.add_argument('--config-only', action='store_true', help='only regenerate the config (no training)')
+    parser.add_argument('--threads', type=int, default=min(2, os.cpu_count() or 1), help='torch CPU threads')
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     if args.config_only:
         print(f'{args.name}: config {"updated, results cleared" if config_only(args.name) else "unchanged"}.')
     elif args.out is None:

@@ -28,12 +28,12 @@ ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 # Gallery images with this identity are ignored for every query (Market-1501's "-1" junk).
 JUNK_PID = -1
 
-# Elements of one (chunk, gallery) block: 2^24 float32 = 64 MiB, plus the int64 sort order.
-_BLOCK_ELEMENTS = 1 << 24
+# Elements of one (chunk, gallery) block: 2^22, so a block and its temporaries stay around 200 MB.
+_BLOCK_ELEMENTS = 1 << 22
 
 
 def default_chunk_size(num_columns: int) -> int:
-    """Rows per chunk so that a (rows, num_columns) block holds about 16M elements."""
+    """Rows per chunk so that a (rows, num_columns) block holds about 4M elements."""
     return max(1, _BLOCK_ELEMENTS // max(1, num_columns))
 
 
@@ -224,7 +224,7 @@ def evaluate(
         metric: ``'cosine'`` (1 - cosine similarity) or ``'euclidean'``.
         rerank: apply k-reciprocal re-ranking (Zhong et al., CVPR 2017) with ``k1``, ``k2``, ``lambda_value``.
         max_rank: length of the returned CMC curve (capped at G).
-        chunk_size: queries per block (default: about 16M distances per block).
+        chunk_size: queries per block (default: about 4M distances per block).
     """
     qf, gf = _features(query_features, 'query_features'), _features(gallery_features, 'gallery_features')
     if qf.shape[1] != gf.shape[1]:

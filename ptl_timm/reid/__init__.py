@@ -13,7 +13,6 @@ from .datasets import (
     read_msmt17,
     read_reid_folder,
 )
-from .extract import FeatureExtractor
 from .losses import ReIDLoss, ReIDOutput, TripletLoss, batch_hard_triplet_loss
 from .metrics import RetrievalResult, evaluate, evaluate_rankings, pairwise_distance, re_ranking
 from .reid_models import MGN, ReIDNet, create_reid_model
@@ -25,3 +24,11 @@ __all__ = [
     'read_market1501', 'read_dukemtmc', 'read_msmt17', 'read_list_file', 'read_reid_folder',
     'ReIDDataset', 'ReIDSample', 'ReIDSplits', 'PKBatchSampler',
 ]
+
+
+def __getattr__(name: str):
+    # imported on first use, so `python -m ptl_timm.reid.extract` does not find its module already loaded
+    if name == 'FeatureExtractor':
+        from .extract import FeatureExtractor
+        return FeatureExtractor
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -163,8 +163,10 @@ def list_images(folder: Union[str, Path]) -> List[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description='Embed every image of a folder with a ReID model into a .npy '
-                                                 '(N, D) file; the image paths go to the same name with .txt.')
+    parser = argparse.ArgumentParser(
+        prog='python -m ptl_timm.reid.extract',
+        description='Embed every image of a folder with a ReID model into a .npy (N, D) file; the image paths '
+                    'go to the same name with .txt.')
     parser.add_argument('folder', type=Path)
     parser.add_argument('output', type=Path, help='.npy file to write')
     parser.add_argument('--model', required=True, help='registered model name, e.g. reid_ptl_resnet50')

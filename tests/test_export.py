@@ -1,0 +1,133 @@
+"""Deployment export: ONNX (dynamic batch, checked with onnxruntime), torch.export and TorchScript, state baked in."""
+import copy
+import logging
+
+import onnx
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from ptl_timm import bconv_cells
+from ptl_timm.export import (
+    check_export,
+    example_input,
+    export_model,
+    export_onnx,
+    load_exported,
+    main,
+    prepare_for_export,
+)
+
+MODEL = 'ptl_resnet18'
+NUM_CLASSES = 5
+SIZE = 32
+INPUT_SIZE = (3, SIZE, SIZE)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trained(seed: int = 0) -> torch.nn.Module:
+    """A small ptl model after a few training steps: a non-zero state, BN statistics that moved."""
+    torch.manual_seed(seed)
+    model = timm.create_model(MODEL, num_classes=NUM_CLASSES, img_size=SIZE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(3):
+        x, y = torch.randn(4, *INPUT_SIZE), torch.randint(0, NUM_CLASSES, (4,))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert all(cell.state.abs().amax() > 0 for cell in bconv_cells(model))
+    return model
+
+
+@pytest.fixture(scope='module')
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = _trained()
+    torch.set_num_threads(threads)
+    return model
+
+
+def test_onnx_has_a_dynamic_batch_the_state_inside_and_matches_pytorch_eval(trained, tmp_path):
+    path = export_onnx(trained, tmp_path / 'model.onnx', input_size=INPUT_SIZE)
+    assert [p.name for p in tmp_path.iterdir()] == ['model.onnx'], 'weights and state belong inside the one file'
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ['input'], 'the state must be baked in, not an input'
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value, 'batch dimension is not dynamic'
+    assert [d.dim_value for d in dims[1:]] == list(INPUT_SIZE)
+    worst = check_export(trained, path, input_size=INPUT_SIZE, batch_sizes=(1, 3, 8), rtol=1e-3, atol=1e-5)
+    assert worst < 1e-4
+
+
+@pytest.fixture(scope='module')
+def program(trained, tmp_path_factory):
+    """``trained`` exported once with torch.export (the slowest exporter after ONNX)."""
+    return export_model(trained, tmp_path_factory.mktemp('export') / 'model.pt2', input_size=INPUT_SIZE)
+
+
+def test_torch_export_matches_pytorch_eval_and_rejects_another_image_size(trained, program):
+    check_export(trained, program, input_size=INPUT_SIZE, batch_sizes=(1, 3), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match='(?i)shape|dim|size|guard|constraint'):
+        load_exported(program)(torch.randn(2, 3, SIZE * 2, SIZE * 2))
+
+
+def test_torchscript_matches_pytorch_eval(trained, tmp_path):
+    path = export_model(trained, tmp_path / 'model.pt', input_size=INPUT_SIZE)
+    check_export(trained, path, input_size=INPUT_SIZE, batch_sizes=(1, 3), rtol=1e-5, atol=1e-6)
+
+
+def test_export_uses_a_frozen_copy_and_leaves_the_model_alone(trained, program):
+    # ``program`` was exported from ``trained``: the model itself is still as training left it
+    assert trained.training and not trained.state_frozen and all(p.requires_grad for p in trained.parameters())
+    model = copy.deepcopy(trained)
+    states = [cell.state.clone() for cell in bconv_cells(model)]
+    snapshot = prepare_for_export(model)
+    assert not snapshot.training and snapshot.state_frozen
+    x = example_input(model, INPUT_SIZE, batch_size=3)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(program)(x), snapshot(x), rtol=1e-5, atol=1e-6)
+        snapshot.train()(x)  # a frozen state is not written, even in train mode
+        model(torch.randn(4, *INPUT_SIZE))  # the original keeps training
+    assert all(torch.equal(cell.state, s) for cell, s in zip(bconv_cells(snapshot), states))
+    assert not any(torch.equal(cell.state, s) for cell, s in zip(bconv_cells(model), states))
+
+
+def test_export_warns_about_an_untrained_state(caplog):
+    model = timm.create_model(MODEL, num_classes=NUM_CLASSES, img_size=SIZE)
+    with caplog.at_level(logging.WARNING, logger='ptl_timm.export'):
+        prepare_for_export(model)
+    assert 'all-zero initial state' in caplog.text
+
+
+def test_export_bad_arguments_say_what_to_do(trained, tmp_path):
+    with pytest.raises(ValueError, match='fmt= one of'):
+        export_model(trained, tmp_path / 'model.bin')
+    with pytest.raises(ValueError, match='Unknown export format'):
+        export_model(trained, tmp_path / 'model.pt', fmt='tflite')
+    with pytest.raises(ValueError, match='opset_version must be >= 18'):
+        export_onnx(trained, tmp_path / 'model.onnx', opset_version=17)
+    with pytest.raises(ValueError, match=r'\(channels, height, width\)'):
+        example_input(trained, (SIZE, SIZE))
+
+
+def test_cli_exports_the_ema_weights_of_a_train_py_checkpoint(trained, tmp_path):
+    ema = _trained(seed=2)
+    checkpoint = tmp_path / 'model_best.pth.tar'
+    # the layout timm's CheckpointSaver writes (tests/test_training_api.py checks it with the saver itself)
+    torch.save({'epoch': 1, 'state_dict': trained.state_dict(), 'state_dict_ema': ema.state_dict()}, checkpoint)
+    out = tmp_path / 'model.pt'
+    main(['--model', MODEL, '--num-classes', str(NUM_CLASSES), '--model-kwargs', f'img_size={SIZE}',
+          '--checkpoint', str(checkpoint), '--use-ema', '--img-size', str(SIZE), '--output', str(out)])
+    x = example_input(ema, INPUT_SIZE, batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(out)(x), prepare_for_export(ema)(x), rtol=1e-5, atol=1e-6)

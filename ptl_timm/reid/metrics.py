@@ -262,11 +262,17 @@ def _top_neighbours(x: torch.Tensor, metric: Metric, k: int, chunk_size: int) ->
 
 
 def _pair_dist2(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """Squared distances between x[rows] and x[cols], elementwise (same shapes)."""
-    a, b = x[rows].double(), x[cols].double()
-    if metric == 'cosine':
-        return (1.0 - (a * b).sum(-1)).clamp(min=0.0).pow(2)
-    return (a - b).pow(2).sum(-1)
+    """Squared distances between x[rows] and x[cols], elementwise, in pair chunks (the gathered rows of
+    millions of pairs would not fit in memory)."""
+    out = torch.empty(len(rows), dtype=torch.float64)
+    step = max(1, _BLOCK_ELEMENTS // x.shape[1])
+    for s in range(0, len(rows), step):
+        a, b = x[rows[s:s + step]].double(), x[cols[s:s + step]].double()
+        if metric == 'cosine':
+            out[s:s + step] = (1.0 - (a * b).sum(-1)).clamp(min=0.0).pow(2)
+        else:
+            out[s:s + step] = (a - b).pow(2).sum(-1)
+    return out
 
 
 def _reciprocal(nn_idx: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -229,7 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(message)s')
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    for name in ('ptl_timm', 'timm'):  # not the root logger: huggingface_hub prints through its own handler
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+        logger.addHandler(handler)
     try:
         args.func(args)
     except (hub.HubError, ValueError, FileNotFoundError) as e:

@@ -58,7 +58,7 @@ def load_task(task: str) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         pool = np.r_[np.zeros(len(ya), bool), np.ones(len(yb), bool)]
         return np.concatenate([xa, xb]), np.concatenate([ya, yb]), pool
     if task == 'emoji':
-        x, y, _ = data.load_emoji('category')
+        x, y, _ = data.load_emoji('category', min_count=60)  # drops 'Component' (5 images)
         return x, y, None
     raise ValueError(f'Unknown task {task!r}; choose from {TASKS}.')
 
@@ -301,9 +301,9 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             '### Ablations: cell width and learning-rate multiplier of the new layers (shared state)', '',
             'Validation accuracy chooses defaults; test accuracy shown for reference only. Gain = paired '
             'difference vs the control at the same lr multiplier.', '',
-            '| model | task | shots/class | width_mult | lr_mult | seeds | val shared | val gain vs control | '
-            'test shared | test gain vs control |',
-            '|---|---|---|---|---|---|---|---|---|---|',
+            '| model | task | shots/class | width_mult | lr_mult | seeds | val control | val shared | '
+            'val gain vs control | test control | test shared | test gain vs control |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|',
         ]
         for (model, task, shots), (width, lr_mult) in itertools.product(cells, settings):
             sel = [r for r in abl if (r['model'], r['task'], r['shots'], r['lr_mult']) == (model, task, shots, lr_mult)]
@@ -314,6 +314,7 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             row = [model, task, str(shots), f'{width:g}', f'{lr_mult:g}', str(len(ptl))]
             for metric in ('val_acc', 'test_acc'):
                 p, c = _by_seed(ptl, metric), _by_seed(ctl, metric)
+                row.append(f'{np.mean(list(c.values())):.2f}' if c else '-')
                 row.append(f'{np.mean(list(p.values())):.2f}')
                 paired = [p[s] - c[s] for s in p if s in c]
                 row.append(_fmt_ci(paired) if paired else '-')

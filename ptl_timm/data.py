@@ -6,7 +6,7 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -95,10 +95,12 @@ def load_emoji(
         label: str = 'category',
         size: int = 64,
         root: Optional[Path] = None,
+        min_count: int = 1,
 ) -> Tuple[np.ndarray, np.ndarray, Tuple[str, ...]]:
     """Google's emoji images (Apache-2.0) from the npm package emoji-datasource-google@16.0.0.
 
-    ``label`` is ``'category'`` (9 classes) or ``'subcategory'``; classes are unbalanced. Images are composited
+    ``label`` is ``'category'`` (10 with Google images, 'Component' has 5 of them) or ``'subcategory'``;
+    classes are unbalanced and those with fewer than ``min_count`` images are left out. Images are composited
     on white. ``root`` (or $PTL_TIMM_EMOJI_DIR) is the package folder; the default is where
     ``npm install --prefix ~/.cache/ptl_timm/npm emoji-datasource-google@16.0.0`` puts it.
 
@@ -115,6 +117,10 @@ def load_emoji(
             f'The emoji images are missing under {root}; install them with: '
             f'npm install --prefix ~/.cache/ptl_timm/npm {EMOJI_NPM_PACKAGE} (or set PTL_TIMM_EMOJI_DIR).')
     entries = [e for e in json.loads(index.read_text()) if e.get('has_img_google') and (img_dir / e['image']).is_file()]
+    counts: Dict[str, int] = {}
+    for e in entries:
+        counts[e[label]] = counts.get(e[label], 0) + 1
+    entries = [e for e in entries if counts[e[label]] >= min_count]
     names = tuple(sorted({e[label] for e in entries}))
     class_idx = {n: i for i, n in enumerate(names)}
     images = np.empty((len(entries), size, size, 3), dtype=np.uint8)

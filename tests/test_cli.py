@@ -22,15 +22,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Small models: threads only add overhead (and oversubscribe a shared CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def env(tmp_path):
     """A clean environment: its own empty Hub cache, offline, no token."""

@@ -24,15 +24,6 @@ WORLD_SIZE = 2
 TIMEOUT_S = 240
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in the ranks: faster on a small shared CI machine, and the replay reproduces
-    the ranks' arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope='module')
 def ddp_results(tmp_path_factory) -> Dict[str, List[dict]]:

@@ -25,13 +25,6 @@ SIZE = 32
 INPUT_SIZE = (3, SIZE, SIZE)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _trained(seed: int = 0) -> torch.nn.Module:
     """A small ptl model after a few training steps: a non-zero state, BN statistics that moved."""
@@ -50,11 +43,7 @@ def _trained(seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope='module')
 def trained():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = _trained()
-    torch.set_num_threads(threads)
-    return model
+    return _trained()
 
 
 def test_onnx_has_a_dynamic_batch_the_state_inside_and_matches_pytorch_eval(trained, tmp_path):

@@ -27,15 +27,6 @@ TAG = next(iter(hub.load_manifest()), None)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Small models: threads only add overhead (and oversubscribe a shared CI machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=1)
 def _animal_mnist():
     return load_animal_mnist()

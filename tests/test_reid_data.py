@@ -32,13 +32,6 @@ _LAYOUT = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared, oversubscribed CPU: see test_reid_models.py
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope='module')
 def market(tmp_path_factory) -> Path:

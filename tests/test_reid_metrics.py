@@ -6,14 +6,6 @@ import torch
 from ptl_timm.reid.metrics import evaluate, evaluate_rankings, pairwise_distance, re_ranking
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared, oversubscribed CPU: see test_reid_models.py
-    yield
-    torch.set_num_threads(threads)
-
-
 def _loop_reference(dist, q_pids, g_pids, q_cams, g_cams, max_rank):
     """The protocol written as a plain loop: exclude same id + same cam and junk -1, AP = mean precision@hit."""
     aps, inps, cmc, n = [], [], np.zeros(max_rank), 0

@@ -11,13 +11,8 @@ from ptl_timm.reid.reid_models import mgn_checkpoint_filter_fn
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # one thread: on a shared, oversubscribed CPU two threads run these small models 10-20x slower
-    threads = torch.get_num_threads()
+def _seed():
     torch.manual_seed(0)
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _small_mgn(ptl: bool, **kwargs) -> MGN:

@@ -26,14 +26,6 @@ NUM_CLASSES = 5
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: faster on a small shared CI machine, and reproducible sums."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model(**kwargs) -> PTLNet:
     torch.manual_seed(0)

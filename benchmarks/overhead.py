@@ -20,6 +20,7 @@ The ``where`` column splits one PTL inference forward into backbone (``forward_i
 
     python benchmarks/overhead.py                 # all five backbones, batch 8 at 160 px, 1 thread
     python benchmarks/overhead.py --quick         # resnet18 / mobilenetv2 at 96 px, 3 repeats
+    python benchmarks/overhead.py --img-size 128 --static-widths 0.0625,0.125,0.25   # params / FLOPs only
 """
 import argparse
 import json
@@ -260,6 +261,27 @@ def _plot(data: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def static_costs(backbones: List[str], width_mults: List[float], img_size: int, path: Path) -> str:
+    """Parameters and FLOPs of PTL / plain at several ``width_mult`` (no timing: exact, quick)."""
+    rows, results = [], []
+    for backbone in backbones:
+        plain = make_model(dict(name=backbone))
+        base_params, base_flops = sum(p.numel() for p in plain.parameters()), count_flops(plain, img_size)
+        for mult in width_mults:
+            ptl = make_model(dict(name=f'ptl_{backbone}', kwargs=dict(img_size=img_size, width_mult=mult)))
+            params, flops = sum(p.numel() for p in ptl.parameters()), count_flops(ptl, img_size)
+            results.append(dict(backbone=backbone, width_mult=mult, cell_widths=ptl.cell_widths, params=params,
+                                flops=flops, plain_params=base_params, plain_flops=base_flops))
+            rows.append(f'| {backbone} | {mult:g} | {"/".join(map(str, ptl.cell_widths))} | '
+                        f'{params / base_params:.3f}x | {flops / base_flops:.3f}x |')
+    write_json(path, dict(environment=environment(), config=dict(img_size=img_size), results=results))
+    text = '\n'.join([
+        f'### Parameters and FLOPs of PTL / plain by cell width ({img_size} px, FlopCounterMode, 1000 classes)', '',
+        '| backbone | width_mult | cell widths | params | FLOPs |', '|---|---|---|---|---|', *rows]) + '\n'
+    path.with_suffix('.md').write_text(text)
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--backbones', default=','.join(BACKBONES))
@@ -270,8 +292,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--out', default=str(RESULTS_DIR / 'overhead.json'))
     p.add_argument('--quick', action='store_true', help='resnet18 and mobilenetv2 at 96 px, 3 repeats')
     p.add_argument('--report', action='store_true', help='only write the table and plot from the JSON')
+    p.add_argument('--static-widths', help='only params and FLOPs at these width_mult values (comma list), '
+                   'written to overhead_widths.json / .md')
     p.add_argument('--memory-child', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.static_widths:
+        torch.set_num_threads(args.threads)
+        print(static_costs(args.backbones.split(','), [float(w) for w in args.static_widths.split(',')],
+                           args.img_size, Path(args.out).with_name('overhead_widths.json')))
+        return
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child), args.batch, args.img_size, steps=3)))
         return

@@ -1,6 +1,5 @@
 """The ``python -m ptl_timm`` command line, end to end in subprocesses: list, info, export, push, and the
 errors (one line, no traceback, exit status 2)."""
-import argparse
 import os
 import subprocess
 import sys
@@ -9,14 +8,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
+from helpers import train_and_save
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
-from timm.utils import CheckpointSaver, ModelEmaV3
 
 import ptl_timm  # noqa: F401
 from ptl_timm import cli, hub
-from ptl_timm.data import load_animal_mnist
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
@@ -49,26 +46,11 @@ def assert_clean_error(result, *needles):
 def checkpoint(tmp_path_factory):
     """A train.py-format checkpoint (timm's CheckpointSaver, EMA on) of ptl_resnet18 after a few steps on
     real Animal-MNIST images, and the trained model."""
-    images, labels = load_animal_mnist()
-    x = torch.from_numpy(images[:32]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
-    x, y = F.interpolate(x, size=(SIZE, SIZE), mode='bilinear', align_corners=False), torch.from_numpy(labels[:32])
     torch.manual_seed(0)
-    model = timm.create_model('ptl_resnet18', num_classes=10, img_size=SIZE, state_mode='carried', state_slots=4)
-    ema = ModelEmaV3(model, decay=0.5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    model.train()
-    for i in range(0, 32, 8):
-        loss = F.cross_entropy(model(x[i:i + 8]), y[i:i + 8])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        ema.update(model)
+    model_kwargs = dict(img_size=SIZE, state_mode='carried', state_slots=4)
+    model = timm.create_model('ptl_resnet18', num_classes=10, **model_kwargs)
     root = tmp_path_factory.mktemp('cli')
-    args = argparse.Namespace(model='ptl_resnet18', num_classes=10, img_size=SIZE, input_size=None, in_chans=3,
-                              gp=None, mean=None, std=None,
-                              model_kwargs=dict(img_size=SIZE, state_mode='carried', state_slots=4))
-    CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(root), recovery_dir=str(root),
-                    max_history=1).save_checkpoint(0, metric=1.0)
+    ema = train_and_save(model, 'ptl_resnet18', model_kwargs, root, images=32, batch=8)
     return dict(path=root / 'last.pth.tar', ema=ema.module.eval(), root=root)
 
 

@@ -1,7 +1,5 @@
 """Hub I/O: export a fine-tuned PTL model, load it back from a real-layout Hub cache (offline), by registered
 tag, ``hf-hub:`` and ``local-dir:``, bit-exactly; the errors users meet; the weights manifest and its cards."""
-import argparse
-import functools
 import hashlib
 import json
 import logging
@@ -12,34 +10,17 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
+from helpers import animal_batch, train_and_save
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir
 from safetensors.torch import load_file, save_file
 from timm.models import get_pretrained_cfg
-from timm.utils import CheckpointSaver, ModelEmaV3
 
 import ptl_timm  # noqa: F401
 from ptl_timm import bconv_cells, hub
-from ptl_timm.data import load_animal_mnist
 
 TAG = next(iter(hub.load_manifest()), None)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@functools.lru_cache(maxsize=1)
-def _animal_mnist():
-    return load_animal_mnist()
-
-
-def animal_batch(start: int, n: int, size: int) -> tuple:
-    """n real Animal-MNIST images (B, 3, size, size), ImageNet-normalised, and their labels."""
-    images, labels = _animal_mnist()
-    x = torch.from_numpy(images[start:start + n]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
-    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    return (x - mean) / std, torch.from_numpy(labels[start:start + n])
 
 
 def place_in_hf_cache(folder: Path, repo_id: str, cache: Path) -> Path:
@@ -85,22 +66,8 @@ def exported(tmp_path_factory):
     size = model_args['img_size'][0]
     torch.manual_seed(0)
     model = timm.create_model(arch, **model_args)
-    ema = ModelEmaV3(model, decay=0.5)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = animal_batch(0, 48, size)
-    model.train()
-    for i in range(0, 48, 16):
-        loss = F.cross_entropy(model(x[i:i + 16]), y[i:i + 16])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        ema.update(model)
     root = tmp_path_factory.mktemp('export')
-    args = argparse.Namespace(model=arch, num_classes=model.num_classes, model_kwargs=dict(img_size=size),
-                              img_size=size, input_size=None, in_chans=3, gp=None, mean=None, std=None)
-    saver = CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(root),
-                            recovery_dir=str(root), max_history=1)
-    saver.save_checkpoint(0, metric=0.0)
+    ema = train_and_save(model, arch, dict(img_size=size), root, momentum=0.9)
     checkpoint = root / 'last.pth.tar'
     summary = hub.export_checkpoint(checkpoint, root / 'folder', repo_id=entry['hf_hub_id'])
     x_eval, _ = animal_batch(1000, 8, size)

@@ -1,0 +1,56 @@
+"""Helpers shared by test modules: real Animal-MNIST batches and a train.py-format checkpoint."""
+import argparse
+import functools
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.utils import CheckpointSaver, ModelEmaV3
+
+from ptl_timm.data import load_animal_mnist
+
+
+@functools.lru_cache(maxsize=1)
+def _animal_mnist():
+    return load_animal_mnist()
+
+
+def animal_batch(start: int, n: int, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """n real Animal-MNIST images (B, 3, size, size), ImageNet-normalised, and their labels (B,)."""
+    images, labels = _animal_mnist()
+    x = torch.from_numpy(images[start:start + n]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.from_numpy(labels[start:start + n])
+
+
+def train_and_save(
+        model: torch.nn.Module,
+        arch: str,
+        model_kwargs: Dict[str, Any],
+        root: Path,
+        images: int = 48,
+        batch: int = 16,
+        **optimizer_kwargs: Any,
+) -> ModelEmaV3:
+    """A few SGD steps on real images with an EMA, so the latent state is non-trivial, then a checkpoint in
+    train.py's format (timm's CheckpointSaver: state_dict, state_dict_ema, args) at ``root / 'last.pth.tar'``."""
+    size = model_kwargs['img_size']
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    ema = ModelEmaV3(model, decay=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, **optimizer_kwargs)
+    x, y = animal_batch(0, images, size)
+    model.train()
+    for i in range(0, images, batch):
+        loss = F.cross_entropy(model(x[i:i + batch]), y[i:i + batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+    args = argparse.Namespace(model=arch, num_classes=model.num_classes, model_kwargs=dict(model_kwargs),
+                              img_size=size, input_size=None, in_chans=3, gp=None, mean=None, std=None)
+    CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(root), recovery_dir=str(root),
+                    max_history=1).save_checkpoint(0, metric=0.0)
+    return ema

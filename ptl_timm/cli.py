@@ -148,17 +148,22 @@ def cmd_push(args: argparse.Namespace) -> None:
 TABLE_MARKERS = ('<!-- manifest-table -->\n', '<!-- /manifest-table -->')
 
 
+def replace_manifest_table(path: Path, table: str) -> None:
+    """Replace the text between the manifest-table markers of ``path`` with ``table``."""
+    text = path.read_text()
+    start, end = (text.find(m) for m in TABLE_MARKERS)
+    if start < 0 or end < start:
+        raise ValueError(f'{path} has no {TABLE_MARKERS[0].strip()} ... {TABLE_MARKERS[1]} block.')
+    path.write_text(text[:start + len(TABLE_MARKERS[0])] + table + text[end:])
+
+
 def cmd_manifest_table(args: argparse.Namespace) -> None:
     table = hub.manifest_table(args.manifest)
     if not args.update:
         sys.stdout.write(table)
         return
     for path in args.update:
-        text = path.read_text()
-        start, end = (text.find(m) for m in TABLE_MARKERS)
-        if start < 0 or end < start:
-            raise ValueError(f'{path} has no {TABLE_MARKERS[0].strip()} ... {TABLE_MARKERS[1]} block.')
-        path.write_text(text[:start + len(TABLE_MARKERS[0])] + table + text[end:])
+        replace_manifest_table(path, table)
         print(f'Updated the table in {path}.')
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from timm.utils import CheckpointSaver
 
 import ptl_timm  # noqa: F401  registers the ptl_* models
-from ptl_timm.cli import TABLE_MARKERS
+from ptl_timm.cli import replace_manifest_table
 from ptl_timm.data import few_shot_split, load_animal_mnist
 from ptl_timm.hub import MANIFEST_PATH, WEIGHTS_NAME, load_manifest, manifest_table, render_zoo, save_pretrained
 from ptl_timm.offline_weights import create_offline_model
@@ -80,12 +80,7 @@ def update_manifest(name: str, **changes) -> None:
     for path, text in render_zoo().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    table = manifest_table()
-    for doc in (REPO_ROOT / 'docs' / 'readme' / 'hub.md', REPO_ROOT / 'README.md'):
-        text = doc.read_text() if doc.is_file() else ''
-        start, end = (text.find(m) for m in TABLE_MARKERS)
-        if 0 <= start < end:
-            doc.write_text(text[:start + len(TABLE_MARKERS[0])] + table + text[end:])
+    replace_manifest_table(REPO_ROOT / 'README.md', manifest_table())
 
 
 def config_only(name: str) -> bool:

@@ -77,7 +77,7 @@ def ptl_model_args(model: PTLNet) -> Dict[str, Any]:
     args = dict(
         cell_widths=list(model.cell_widths), state_mode=model.state_mode, img_size=list(model.img_size),
         kernel_size=cell.conv.kernel_size[0], in_chans=model.in_chans, num_classes=model.num_classes,
-        global_pool=model.global_pool,
+        global_pool=model.global_pool, cell_norm=isinstance(model.cell_norm, torch.nn.BatchNorm2d),
     )
     if model.state_mode == 'carried':
         args['state_slots'] = cell.state.shape[0]
@@ -520,7 +520,8 @@ def model_card(
         f'| architecture | `{arch}` |', f'| backbone | `{backbone}` |',
         f'| classes | {config.get("num_classes")} |',
     ]
-    for key in ('cell_widths', 'state_mode', 'state_slots', 'img_size', 'kernel_size', 'in_chans', 'global_pool'):
+    for key in ('cell_widths', 'state_mode', 'state_slots', 'img_size', 'kernel_size', 'in_chans', 'global_pool',
+                'cell_norm'):
         if key in args:
             lines.append(f'| {key} | `{_fmt(args[key])}` |')
     for key in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation'):

@@ -108,6 +108,7 @@ class PTLNet(nn.Module):
         width_mult: cell width per stage as a fraction of the backbone stage's channels.
         cell_widths: explicit branch width w_k of every backbone stage (overrides ``width_mult``).
         image_cells: start the ladder with cells on the image as the paper did, instead of on f_0.
+        cell_norm: batch-normalise the last cell's map before it joins the backbone's final features.
         state_mode: latent state rule of every cell, see :class:`BConvCell`.
         state_slots: slots of the ``'carried'`` state.
         img_size: nominal input size; the cells store their state at the grid it gives
@@ -133,6 +134,7 @@ class PTLNet(nn.Module):
             img_size: Optional[Union[int, Tuple[int, int]]] = None,
             kernel_size: int = 3,
             image_cells: bool = False,
+            cell_norm: bool = False,
             **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -189,6 +191,9 @@ class PTLNet(nn.Module):
         self.backbone_features = self.backbone.num_features
         self.num_features = self.backbone_features + self.cell_widths[-1]
         self.global_pool = global_pool
+        # Unnormalised, the pooled cell features of a fresh branch vary ~30x less across images than the
+        # backbone's and the classifier learns to ignore them; the paper's MGN head has a BN after the join.
+        self.cell_norm = nn.BatchNorm2d(self.cell_widths[-1]) if cell_norm else nn.Identity()
         self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head_hidden_size = self._pooled_width()
         self.head_drop = nn.Dropout(drop_rate)
@@ -362,6 +367,7 @@ class PTLNet(nn.Module):
         return take_indices
 
     def _join(self, final: torch.Tensor, cell_out: torch.Tensor) -> torch.Tensor:
+        cell_out = self.cell_norm(cell_out)
         if cell_out.shape[-2:] != final.shape[-2:]:
             cell_out = F.interpolate(cell_out, size=final.shape[-2:], mode='bilinear', align_corners=False)
         return torch.cat([final, cell_out], dim=1)

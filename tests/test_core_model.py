@@ -237,6 +237,16 @@ def test_widths_are_configurable():
         _small('ptl_resnet18', cell_widths=[8, 8])
 
 
+def test_cell_norm_batch_normalises_the_joined_cell_map():
+    model = _small('ptl_resnet18', cell_norm=True).train()
+    cell_part = model.forward_features(torch.randn(6, 3, SIZE, SIZE))[:, model.backbone_features:]
+    # train mode, fresh BN: every cell channel has zero mean and unit variance over (batch, H, W)
+    assert torch.allclose(cell_part.mean((0, 2, 3)), torch.zeros(cell_part.shape[1]), atol=1e-4)
+    assert torch.allclose(cell_part.var((0, 2, 3), unbiased=False), torch.ones(cell_part.shape[1]), atol=0.05)
+    assert 'cell_norm.running_var' in model.state_dict()
+    assert 'cell_norm.running_var' not in _small('ptl_resnet18').state_dict()  # the default joins them as they are
+
+
 def test_clear_errors_for_bad_input():
     model = _small('ptl_resnet18')
     with pytest.raises(ValueError, match=r'expects \(B, 3, H, W\).*in_chans=1'):

@@ -163,6 +163,18 @@ def test_export_ema_bare_state_dict_and_safetensors(exported, tmp_path):
         hub.export_checkpoint(bare, tmp_path / 'y', model_name=arch, use_ema=True)
 
 
+def test_cell_norm_is_part_of_the_exported_model_args(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('ptl_resnet18', num_classes=3, img_size=64, cell_norm=True)
+    x, _ = animal_batch(0, 8, 64)
+    model.train()(x)  # moves the running statistics of the cell norm off their initial values
+    hub.save_pretrained(model, tmp_path / 'normed')
+    assert json.loads((tmp_path / 'normed' / 'config.json').read_text())['model_args']['cell_norm'] is True
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'normed'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
 def test_export_refuses_wrong_settings_and_plain_backbone(exported, tmp_path):
     arch = exported['entry']['config']['architecture']
     safe = tmp_path / 'weights.safetensors'

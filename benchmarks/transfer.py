@@ -43,6 +43,7 @@ PTL_VARIANTS = ('shared', 'carried', 'reset')
 TASKS = ('animal', 'fashion', 'emoji')
 DEFAULT_WIDTH = 0.125
 DEFAULT_LR_MULT = 1.0
+DEFAULT_CELL_NORM = False
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def build(run: Dict[str, Any], num_classes: int) -> Tuple[nn.Module, List[Dict[s
         state_mode = run['variant'] if run['variant'] in PTL_VARIANTS else 'shared'
         ptl = create_offline_model(
             f'ptl_{run["model"]}', num_classes=num_classes, state_mode=state_mode, width_mult=run['width'],
-            img_size=run['img_size'])
+            img_size=run['img_size'], cell_norm=cell_norm(run))
         model = CellsRemoved(ptl) if run['variant'] == 'control' else ptl
         is_new = [not n.startswith('backbone.') for n, _ in ptl.named_parameters()]
         params = [p for _, p in ptl.named_parameters()]
@@ -179,15 +180,34 @@ def run_one(run: Dict[str, Any]) -> Dict[str, Any]:
         opt.step()
         sched.step()
     t_train = time.time() - t0
-    return dict(run, core=core_hash(), steps=steps, final_loss=loss.item(),
-                val_acc=accuracy(model, xs['val'], ys['val']), test_acc=accuracy(model, xs['test'], ys['test']),
-                train_seconds=round(t_train, 1), seconds=round(time.time() - t0, 1))
+    result = dict(run, core=core_hash(), steps=steps, final_loss=loss.item(),
+                  val_acc=accuracy(model, xs['val'], ys['val']), test_acc=accuracy(model, xs['test'], ys['test']))
+    if run['variant'] in PTL_VARIANTS:
+        result.update(probe_trained_cells(model, xs, ys))
+    return dict(result, train_seconds=round(t_train, 1), seconds=round(time.time() - t0, 1))
+
+
+def probe_trained_cells(model: nn.Module, xs: Dict[str, torch.Tensor], ys: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """What the trained cells contribute: the same trained model scored with the cells' output replaced by
+    zeros (``*_no_cells``) and, for a carried state, with the learned state replaced by zeros (``*_zero_state``)."""
+    from ptl_timm import reset_state
+
+    out = {f'{k}_acc_no_cells': accuracy(CellsRemoved(model), xs[k], ys[k]) for k in ('val', 'test')}
+    if model.state_mode != 'reset':  # a 'reset' state is always zero
+        reset_state(model)
+        out.update({f'{k}_acc_zero_state': accuracy(model, xs[k], ys[k]) for k in ('val', 'test')})
+    return out
 
 
 # --- grid ---------------------------------------------------------------------------------------------
+def cell_norm(run: Dict[str, Any]) -> bool:
+    """The run's ``cell_norm`` (records written before the option existed ran without it)."""
+    return bool(run.get('cell_norm', False))
+
+
 def run_key(run: Dict[str, Any]) -> Tuple:
     return tuple(run[k] for k in ('model', 'task', 'shots', 'variant', 'width', 'lr_mult', 'seed', 'img_size',
-                                  'epochs', 'min_steps', 'lr'))
+                                  'epochs', 'min_steps', 'lr')) + (cell_norm(run),)
 
 
 def grid(args: argparse.Namespace) -> Iterator[Dict[str, Any]]:
@@ -197,14 +217,17 @@ def grid(args: argparse.Namespace) -> Iterator[Dict[str, Any]]:
                 lr=args.lr, weight_decay=args.weight_decay, width=DEFAULT_WIDTH, lr_mult=DEFAULT_LR_MULT)
     for seed, model, task, shots in itertools.product(args.seeds, args.models, args.tasks, args.shots):
         cell = dict(base, model=model, task=task, shots=shots, seed=seed)
-        for variant in args.variants:
-            yield dict(cell, variant=variant)
+        for variant in args.variants:  # the control and plain have no cell features to normalise
+            yield dict(cell, variant=variant, cell_norm=DEFAULT_CELL_NORM and variant in PTL_VARIANTS)
+        if args.ablate_cell_norm:
+            yield dict(cell, variant='shared', cell_norm=not DEFAULT_CELL_NORM)
         if args.ablate:
             for width in args.ablate_widths:
                 yield dict(cell, variant='shared', width=width)
             for lr_mult in args.ablate_lr_mults:
                 for variant in ('shared', 'control'):
-                    yield dict(cell, variant=variant, lr_mult=lr_mult)
+                    yield dict(cell, variant=variant, lr_mult=lr_mult,
+                               cell_norm=DEFAULT_CELL_NORM and variant in PTL_VARIANTS)
 
 
 def _worker(run: Dict[str, Any]) -> Dict[str, Any]:
@@ -218,7 +241,9 @@ def run_grid(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
     from tqdm import tqdm
 
     data = _load(path)
-    done = {run_key(r) for r in data['runs'] if 'error' not in r}
+    # PTL records written before the probe of the trained cells existed are run again (runs are deterministic)
+    done = {run_key(r) for r in data['runs']
+            if 'error' not in r and (r['variant'] not in PTL_VARIANTS or 'test_acc_no_cells' in r)}
     todo = [r for r in grid(args) if run_key(r) not in done]
     data['environment'] = dict(environment(), workers=args.workers, threads_per_worker=1)
     print(f'{len(todo)} runs to do ({len(done)} already in {path})', flush=True)
@@ -259,7 +284,8 @@ def report(data: Dict[str, Any], stem: Path) -> str:
     """Markdown tables (main comparison and ablations, test and validation) and a plot of paired gains."""
     runs = [r for r in data['runs'] if 'error' not in r]
     errors = [r for r in data['runs'] if 'error' in r]
-    main = [r for r in runs if r['width'] == DEFAULT_WIDTH and r['lr_mult'] == DEFAULT_LR_MULT]
+    main = [r for r in runs if r['width'] == DEFAULT_WIDTH and r['lr_mult'] == DEFAULT_LR_MULT
+            and (r['variant'] not in PTL_VARIANTS or cell_norm(r) == DEFAULT_CELL_NORM)]
     cells = sorted({(r['model'], r['task'], r['shots']) for r in main})
     env = data.get('environment', {})
     lines = [
@@ -295,23 +321,23 @@ def report(data: Dict[str, Any], stem: Path) -> str:
         f'{v} {np.mean(g):+.2f} ({len(g)} cells)' for v, g in gains.items() if g) + '.', '']
 
     abl = [r for r in runs if r['variant'] in ('shared', 'control')]
-    settings = sorted({(r['width'], r['lr_mult']) for r in abl})
+    settings = sorted({(r['width'], r['lr_mult'], cell_norm(r)) for r in abl if r['variant'] == 'shared'})
     if len(settings) > 1:
         lines += [
-            '### Ablations: cell width and learning-rate multiplier of the new layers (shared state)', '',
+            '### Ablations: cell width, learning-rate multiplier of the new layers, cell_norm (shared state)', '',
             'Validation accuracy chooses defaults; test accuracy shown for reference only. Gain = paired '
             'difference vs the control at the same lr multiplier.', '',
-            '| model | task | shots/class | width_mult | lr_mult | seeds | val control | val shared | '
+            '| model | task | shots/class | width_mult | lr_mult | cell_norm | seeds | val control | val shared | '
             'val gain vs control | test control | test shared | test gain vs control |',
-            '|---|---|---|---|---|---|---|---|---|---|---|---|',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
         ]
-        for (model, task, shots), (width, lr_mult) in itertools.product(cells, settings):
+        for (model, task, shots), (width, lr_mult, norm) in itertools.product(cells, settings):
             sel = [r for r in abl if (r['model'], r['task'], r['shots'], r['lr_mult']) == (model, task, shots, lr_mult)]
-            ptl = [r for r in sel if r['variant'] == 'shared' and r['width'] == width]
+            ptl = [r for r in sel if r['variant'] == 'shared' and r['width'] == width and cell_norm(r) == norm]
             ctl = [r for r in sel if r['variant'] == 'control' and r['width'] == DEFAULT_WIDTH]
             if not ptl:
                 continue
-            row = [model, task, str(shots), f'{width:g}', f'{lr_mult:g}', str(len(ptl))]
+            row = [model, task, str(shots), f'{width:g}', f'{lr_mult:g}', str(norm), str(len(ptl))]
             for metric in ('val_acc', 'test_acc'):
                 p, c = _by_seed(ptl, metric), _by_seed(ctl, metric)
                 row.append(f'{np.mean(list(c.values())):.2f}' if c else '-')
@@ -319,6 +345,28 @@ def report(data: Dict[str, Any], stem: Path) -> str:
                 paired = [p[s] - c[s] for s in p if s in c]
                 row.append(_fmt_ci(paired) if paired else '-')
             lines.append('| ' + ' | '.join(row) + ' |')
+        lines.append('')
+
+    probed = [r for r in main if 'test_acc_no_cells' in r]
+    if probed:
+        lines += [
+            '### What the trained cells contribute (the same trained model, scored again)', '',
+            'Test accuracy of each trained PTL model minus its accuracy with the cells\' output replaced by zeros '
+            '(no cells) and with the learned latent state replaced by zeros (zero state); mean [95 % CI] over seeds.',
+            '',
+            '| model | task | shots/class | variant | seeds | test | minus no cells | minus zero state |',
+            '|---|---|---|---|---|---|---|---|',
+        ]
+        for (model, task, shots), variant in itertools.product(cells, PTL_VARIANTS):
+            sel = [r for r in probed
+                   if (r['model'], r['task'], r['shots'], r['variant']) == (model, task, shots, variant)]
+            if not sel:
+                continue
+            no_cells = [r['test_acc'] - r['test_acc_no_cells'] for r in sel]
+            zero = [r['test_acc'] - r['test_acc_zero_state'] for r in sel if 'test_acc_zero_state' in r]
+            lines.append(f'| {model} | {task} | {shots} | {variant} | {len(sel)} | '
+                         f'{np.mean([r["test_acc"] for r in sel]):.2f} | {_fmt_ci(no_cells)} | '
+                         f'{_fmt_ci(zero) if zero else "-"} |')
         lines.append('')
 
     val_lines = ['### Validation accuracy of the main variants (what defaults are chosen on)', '',
@@ -374,6 +422,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--ablate', action='store_true', help='add width and lr-multiplier runs (shared state)')
     p.add_argument('--ablate-widths', default='0.0625,0.25')
     p.add_argument('--ablate-lr-mults', default='3,10')
+    p.add_argument('--ablate-cell-norm', action='store_true',
+                   help=f'add shared-state runs with cell_norm={not DEFAULT_CELL_NORM} (the non-default head)')
     p.add_argument('--img-size', type=int, default=64)
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--epochs', type=int, default=6)
@@ -399,7 +449,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error(f'unknown variants {bad}; choose from {VARIANTS}')
     args.shots = [int(s) for s in args.shots.split(',')]
     args.seeds = list(range(int(args.seeds))) if ',' not in args.seeds else [int(s) for s in args.seeds.split(',')]
-    args.ablate_widths = [float(w) for w in args.ablate_widths.split(',')]
+    args.ablate_widths = [float(w) for w in args.ablate_widths.split(',') if w]
     args.ablate_lr_mults = [float(m) for m in args.ablate_lr_mults.split(',')]
     return args
 

@@ -18,14 +18,33 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.045, 2.042)
 
 
+def _t975(df: float) -> float:
+    return _T975[max(int(df), 1) - 1] if df < len(_T975) + 1 else 1.96
+
+
 def t_ci95(values: Sequence[float]) -> Tuple[float, float, float]:
     """Mean and 95 % confidence interval (t-distribution) of ``values``; the interval is NaN for n < 2."""
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean()) if len(x) else math.nan
     if len(x) < 2:
         return mean, math.nan, math.nan
-    t = _T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96
-    half = t * float(x.std(ddof=1)) / math.sqrt(len(x))
+    half = _t975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half
+
+
+def mean_of_means_ci95(groups: Sequence[Sequence[float]]) -> Tuple[float, float, float]:
+    """Unweighted mean of the group means (e.g. the average gain over tasks, each task its own seeds) and its
+    95 % interval: standard error sqrt(sum se_i^2) / k, Welch-Satterthwaite degrees of freedom. Groups of
+    fewer than 2 values are left out."""
+    groups = [np.asarray(g, dtype=np.float64) for g in groups if len(g) >= 2]
+    if not groups:
+        return math.nan, math.nan, math.nan
+    se2 = np.array([g.var(ddof=1) / len(g) for g in groups])
+    mean = float(np.mean([g.mean() for g in groups]))
+    if se2.sum() == 0:
+        return mean, mean, mean
+    df = se2.sum() ** 2 / sum(v ** 2 / (len(g) - 1) for v, g in zip(se2, groups))
+    half = _t975(df) * math.sqrt(se2.sum()) / len(groups)
     return mean, mean - half, mean + half
 
 

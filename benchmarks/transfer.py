@@ -11,7 +11,9 @@ set (``ptl_timm.data.few_shot_split``). Variants, all with the same data order, 
 - ``shared`` / ``carried`` / ``reset``: the PTL model with that ``state_mode``.
 
 Ablations (``--ablate``): cell ``width_mult`` and the learning-rate multiplier of the non-backbone
-parameters. Defaults are chosen on validation accuracy (``--report`` prints both).
+parameters; ``--ablate-cell-norm``: the other ``cell_norm`` head. Defaults are chosen on validation accuracy
+(``--report`` prints both). Every PTL run also scores its trained model again with the cells' output and with
+the latent state replaced by zeros: what the cells contribute at inference.
 
 Results go to benchmarks/results/transfer.json (one record per run, written as runs finish; a rerun skips
 finished runs), transfer.md and transfer.png. Examples::
@@ -27,7 +29,7 @@ import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a frozen copy may win
-from common import RESULTS_DIR, core_hash, environment, t_ci95, write_json  # noqa: E402
+from common import RESULTS_DIR, core_hash, environment, mean_of_means_ci95, t_ci95, write_json  # noqa: E402
 
 VARIANTS = ('plain', 'control', 'shared', 'carried', 'reset')
 PTL_VARIANTS = ('shared', 'carried', 'reset')
@@ -142,8 +144,10 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
     return 100.0 * correct / len(x)
 
 
-def run_one(run: Dict[str, Any]) -> Dict[str, Any]:
-    """Fine-tune once and return ``run`` with val / test accuracy and timing."""
+def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.Parameter]]] = None) -> Dict[str, Any]:
+    """Fine-tune once and return ``run`` with val / test accuracy and timing. ``modify`` (prototypes in
+    benchmarks/prototypes/) changes the freshly built PTL model and returns the new parameters to train."""
+
     from ptl_timm.data import few_shot_split
 
     torch.set_num_threads(run.get('threads', 1))
@@ -156,6 +160,8 @@ def run_one(run: Dict[str, Any]) -> Dict[str, Any]:
     val_n, test_n = split_counts(run['task'])
     split = few_shot_split(labels, run['shots'], run['seed'], val_n, test_n, test_pool=test_pool)
     model, groups = build(run, num_classes)
+    if modify is not None:
+        groups[1]['params'] += modify(model)
     cfg = (model.ptl if isinstance(model, CellsRemoved) else model).pretrained_cfg
     mean, std = cfg['mean'], cfg['std']
     xs = {k: to_tensor(images[getattr(split, k)], run['img_size'], mean, std) for k in ('train', 'val', 'test')}
@@ -276,6 +282,11 @@ def _fmt_ci(values: List[float]) -> str:
     return f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]'
 
 
+def _fmt_avg(groups: List[List[float]]) -> str:
+    mean, lo, hi = mean_of_means_ci95(groups)
+    return f'{mean:+.2f}' if math.isnan(lo) else f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]'
+
+
 def _by_seed(runs: List[Dict[str, Any]], metric: str) -> Dict[int, float]:
     return {r['seed']: r[metric] for r in runs}
 
@@ -296,7 +307,8 @@ def report(data: Dict[str, Any], stem: Path) -> str:
         'shared - control | carried - control | reset - control | shared - plain |',
         '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
-    gains: Dict[str, List[float]] = {v: [] for v in PTL_VARIANTS}
+    gains: Dict[Tuple[str, str], List[List[float]]] = {
+        pair: [] for pair in (('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'plain'))}
     plot_rows = []
     for model, task, shots in cells:
         sel = [r for r in main if (r['model'], r['task'], r['shots']) == (model, task, shots)]
@@ -311,14 +323,14 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             paired = [acc[v][s] - acc[ref][s] for s in seeds if s in acc[v] and s in acc[ref]]
             diffs[(v, ref)] = paired
             row.append(_fmt_ci(paired) if paired else '-')
-        for v in PTL_VARIANTS:
-            cell_means = diffs[(v, 'control')]
-            if cell_means:
-                gains[v].append(float(np.mean(cell_means)))
+        for pair, paired in diffs.items():
+            if paired:
+                gains[pair].append(paired)
         plot_rows.append((f'{model.replace("tf_efficientnet_", "eff")}\n{task} {shots}', diffs))
         lines.append('| ' + ' | '.join(row) + ' |')
-    lines += ['', 'Average over the table\'s cells of the paired gain vs the control: ' + ', '.join(
-        f'{v} {np.mean(g):+.2f} ({len(g)} cells)' for v, g in gains.items() if g) + '.', '']
+    lines += ['', 'Average over the table\'s cells of the paired gain (mean of the cell means, 95 % interval from '
+              'their standard errors): ' + ', '.join(
+                  f'{v} - {ref} {_fmt_avg(g)} ({len(g)} cells)' for (v, ref), g in gains.items() if g) + '.', '']
 
     abl = [r for r in runs if r['variant'] in ('shared', 'control')]
     settings = sorted({(r['width'], r['lr_mult'], cell_norm(r)) for r in abl if r['variant'] == 'shared'})
@@ -371,11 +383,20 @@ def report(data: Dict[str, Any], stem: Path) -> str:
 
     val_lines = ['### Validation accuracy of the main variants (what defaults are chosen on)', '',
                  '| model | task | shots/class | ' + ' | '.join(VARIANTS) + ' |', '|---|---|---|' + '---|' * 5]
+    val_gains: Dict[str, List[List[float]]] = {v: [] for v in PTL_VARIANTS}
     for model, task, shots in cells:
         sel = [r for r in main if (r['model'], r['task'], r['shots']) == (model, task, shots)]
         vals = [[r['val_acc'] for r in sel if r['variant'] == v] for v in VARIANTS]
         val_lines.append(f'| {model} | {task} | {shots} | ' + ' | '.join(
             f'{np.mean(v):.2f}' if v else '-' for v in vals) + ' |')
+        ctl = _by_seed([r for r in sel if r['variant'] == 'control'], 'val_acc')
+        for v in PTL_VARIANTS:
+            ptl = _by_seed([r for r in sel if r['variant'] == v], 'val_acc')
+            paired = [acc - ctl[seed] for seed, acc in ptl.items() if seed in ctl]
+            if paired:
+                val_gains[v].append(paired)
+    val_lines += ['', 'Average over the cells of the paired validation gain vs the control: ' + ', '.join(
+        f'{v} {_fmt_avg(g)} ({len(g)} cells)' for v, g in val_gains.items() if g) + '.']
     lines += val_lines + ['']
     if errors:
         lines += [f'{len(errors)} runs failed: ' + '; '.join(sorted({r["error"][:120] for r in errors})), '']

@@ -338,24 +338,34 @@ def report(data: Dict[str, Any], stem: Path) -> str:
         lines += [
             '### Ablations: cell width, learning-rate multiplier of the new layers, cell_norm (shared state)', '',
             'Validation accuracy chooses defaults; test accuracy shown for reference only. Gain = paired '
-            'difference vs the control at the same lr multiplier.', '',
+            'difference vs the control at the same lr multiplier; vs default = paired difference vs the shared model '
+            'at the package defaults, same seeds.', '',
             '| model | task | shots/class | width_mult | lr_mult | cell_norm | seeds | val control | val shared | '
-            'val gain vs control | test control | test shared | test gain vs control |',
-            '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+            'val gain vs control | val vs default | test control | test shared | test gain vs control |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
         ]
-        for (model, task, shots), (width, lr_mult, norm) in itertools.product(cells, settings):
+        ablated = {(r['model'], r['task'], r['shots']) for r in abl if r['variant'] == 'shared' and (
+            r['width'], r['lr_mult'], cell_norm(r)) != (DEFAULT_WIDTH, DEFAULT_LR_MULT, DEFAULT_CELL_NORM)}
+        for (model, task, shots), (width, lr_mult, norm) in itertools.product(sorted(ablated), settings):
             sel = [r for r in abl if (r['model'], r['task'], r['shots'], r['lr_mult']) == (model, task, shots, lr_mult)]
             ptl = [r for r in sel if r['variant'] == 'shared' and r['width'] == width and cell_norm(r) == norm]
             ctl = [r for r in sel if r['variant'] == 'control' and r['width'] == DEFAULT_WIDTH]
+            default = _by_seed([r for r in main if (r['model'], r['task'], r['shots'], r['variant']) ==
+                                (model, task, shots, 'shared')], 'val_acc')
             if not ptl:
                 continue
             row = [model, task, str(shots), f'{width:g}', f'{lr_mult:g}', str(norm), str(len(ptl))]
             for metric in ('val_acc', 'test_acc'):
                 p, c = _by_seed(ptl, metric), _by_seed(ctl, metric)
-                row.append(f'{np.mean(list(c.values())):.2f}' if c else '-')
+                seeds = [s for s in p if s in c]  # both means over the same seeds as the paired gain
+                row.append(f'{np.mean([c[s] for s in seeds]):.2f}' if seeds else '-')
                 row.append(f'{np.mean(list(p.values())):.2f}')
-                paired = [p[s] - c[s] for s in p if s in c]
+                paired = [p[s] - c[s] for s in seeds]
                 row.append(_fmt_ci(paired) if paired else '-')
+                if metric == 'val_acc':
+                    is_default = (width, lr_mult, norm) == (DEFAULT_WIDTH, DEFAULT_LR_MULT, DEFAULT_CELL_NORM)
+                    vs_default = [] if is_default else [p[s] - default[s] for s in p if s in default]
+                    row.append(_fmt_ci(vs_default) if vs_default else '-')
             lines.append('| ' + ' | '.join(row) + ' |')
         lines.append('')
 

@@ -393,20 +393,20 @@ def report(data: Dict[str, Any], stem: Path) -> str:
 
     val_lines = ['### Validation accuracy of the main variants (what defaults are chosen on)', '',
                  '| model | task | shots/class | ' + ' | '.join(VARIANTS) + ' |', '|---|---|---|' + '---|' * 5]
-    val_gains: Dict[str, List[List[float]]] = {v: [] for v in PTL_VARIANTS}
+    val_pairs = [(v, 'control') for v in PTL_VARIANTS] + [('shared', 'reset'), ('shared', 'carried')]
+    val_gains: Dict[Tuple[str, str], List[List[float]]] = {pair: [] for pair in val_pairs}
     for model, task, shots in cells:
         sel = [r for r in main if (r['model'], r['task'], r['shots']) == (model, task, shots)]
         vals = [[r['val_acc'] for r in sel if r['variant'] == v] for v in VARIANTS]
         val_lines.append(f'| {model} | {task} | {shots} | ' + ' | '.join(
             f'{np.mean(v):.2f}' if v else '-' for v in vals) + ' |')
-        ctl = _by_seed([r for r in sel if r['variant'] == 'control'], 'val_acc')
-        for v in PTL_VARIANTS:
-            ptl = _by_seed([r for r in sel if r['variant'] == v], 'val_acc')
-            paired = [acc - ctl[seed] for seed, acc in ptl.items() if seed in ctl]
+        by_variant = {v: _by_seed([r for r in sel if r['variant'] == v], 'val_acc') for v in VARIANTS}
+        for v, ref in val_pairs:
+            paired = [acc - by_variant[ref][seed] for seed, acc in by_variant[v].items() if seed in by_variant[ref]]
             if paired:
-                val_gains[v].append(paired)
-    val_lines += ['', 'Average over the cells of the paired validation gain vs the control: ' + ', '.join(
-        f'{v} {_fmt_avg(g)} ({len(g)} cells)' for v, g in val_gains.items() if g) + '.']
+                val_gains[(v, ref)].append(paired)
+    val_lines += ['', 'Average over the cells of the paired validation difference: ' + ', '.join(
+        f'{v} - {ref} {_fmt_avg(g)} ({len(g)} cells)' for (v, ref), g in val_gains.items() if g) + '.']
     lines += val_lines + ['']
     if errors:
         lines += [f'{len(errors)} runs failed: ' + '; '.join(sorted({r["error"][:120] for r in errors})), '']

@@ -34,10 +34,10 @@ STATE_MODES: Tuple[str, ...] = ('shared', 'carried', 'reset')
 
 # 'shared' keeps one dataset-level state (1, C, Hs, Ws): a sample's output never depends on which
 # samples share its batch, in training as in eval, train and eval read the same state, and the buffer is
-# S times smaller than 'carried'. Chosen on validation accuracy (benchmarks/results/transfer_default.md:
-# MobileNetV2, Animal-/Fashion-MNIST, 10 images per class, 10 seeds): gain over the cells-removed control
-# shared +1.36 / -1.42, carried +1.16 / -0.86, reset +0.40 / -2.20 points, i.e. carried state (shared
-# or per-slot, a tie) ahead of none, as in method.md's earlier run.
+# S times smaller than 'carried'. Validation does not separate the rules (benchmarks/results/
+# transfer_default.md, 3 tasks, 2 backbones, 10-100 images per class: shared - reset -0.56 [-1.52, +0.41],
+# shared - carried -0.34 [-1.54, +0.85] points); 'shared' leads 'reset' at 50 images per class and is the
+# method's carried state, so it is the default. README "Benchmarks" has the reasoning.
 DEFAULT_STATE_MODE: StateMode = 'shared'
 
 

@@ -36,7 +36,7 @@ STATE_MODES: Tuple[str, ...] = ('shared', 'carried', 'reset')
 # samples share its batch, in training as in eval, train and eval read the same state, and the buffer is
 # S times smaller than 'carried'. Validation does not separate the rules (benchmarks/results/
 # transfer_default.md, 3 tasks, 2 backbones, 10-100 images per class: shared - reset -0.56 [-1.52, +0.41],
-# shared - carried -0.34 [-1.54, +0.85] points); 'shared' leads 'reset' at 50 images per class and is the
+# shared - carried -0.29 [-1.32, +0.74] points); 'shared' leads 'reset' at 50 images per class and is the
 # method's carried state, so it is the default. README "Benchmarks" has the reasoning.
 DEFAULT_STATE_MODE: StateMode = 'shared'
 

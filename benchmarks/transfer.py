@@ -46,6 +46,7 @@ TASKS = ('animal', 'fashion', 'emoji')
 DEFAULT_WIDTH = 0.125
 DEFAULT_LR_MULT = 1.0
 DEFAULT_CELL_NORM = False
+DEFAULT_SETTING = (DEFAULT_WIDTH, DEFAULT_LR_MULT, DEFAULT_CELL_NORM)  # (width, lr_mult, cell_norm)
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -147,7 +148,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
 def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.Parameter]]] = None) -> Dict[str, Any]:
     """Fine-tune once and return ``run`` with val / test accuracy and timing. ``modify`` (prototypes in
     benchmarks/prototypes/) changes the freshly built PTL model and returns the new parameters to train."""
-
     from ptl_timm.data import few_shot_split
 
     torch.set_num_threads(run.get('threads', 1))
@@ -211,6 +211,21 @@ def cell_norm(run: Dict[str, Any]) -> bool:
     return bool(run.get('cell_norm', False))
 
 
+def setting(run: Dict[str, Any]) -> Tuple[float, float, bool]:
+    """(width, lr_mult, cell_norm) of a run, comparable with ``DEFAULT_SETTING``."""
+    return run['width'], run['lr_mult'], cell_norm(run)
+
+
+def is_main(run: Dict[str, Any]) -> bool:
+    """A run of the main table: the package defaults (cell_norm only concerns the PTL variants)."""
+    width, lr_mult, norm = setting(run)
+    return (width, lr_mult) == DEFAULT_SETTING[:2] and (run['variant'] not in PTL_VARIANTS or norm == DEFAULT_CELL_NORM)
+
+
+def _default_cell_norm(variant: str) -> bool:
+    return DEFAULT_CELL_NORM and variant in PTL_VARIANTS  # the control and plain have no cell features
+
+
 def run_key(run: Dict[str, Any]) -> Tuple:
     return tuple(run[k] for k in ('model', 'task', 'shots', 'variant', 'width', 'lr_mult', 'seed', 'img_size',
                                   'epochs', 'min_steps', 'lr')) + (cell_norm(run),)
@@ -223,8 +238,8 @@ def grid(args: argparse.Namespace) -> Iterator[Dict[str, Any]]:
                 lr=args.lr, weight_decay=args.weight_decay, width=DEFAULT_WIDTH, lr_mult=DEFAULT_LR_MULT)
     for seed, model, task, shots in itertools.product(args.seeds, args.models, args.tasks, args.shots):
         cell = dict(base, model=model, task=task, shots=shots, seed=seed)
-        for variant in args.variants:  # the control and plain have no cell features to normalise
-            yield dict(cell, variant=variant, cell_norm=DEFAULT_CELL_NORM and variant in PTL_VARIANTS)
+        for variant in args.variants:
+            yield dict(cell, variant=variant, cell_norm=_default_cell_norm(variant))
         if args.ablate_cell_norm:
             yield dict(cell, variant='shared', cell_norm=not DEFAULT_CELL_NORM)
         if args.ablate:
@@ -232,8 +247,7 @@ def grid(args: argparse.Namespace) -> Iterator[Dict[str, Any]]:
                 yield dict(cell, variant='shared', width=width)
             for lr_mult in args.ablate_lr_mults:
                 for variant in ('shared', 'control'):
-                    yield dict(cell, variant=variant, lr_mult=lr_mult,
-                               cell_norm=DEFAULT_CELL_NORM and variant in PTL_VARIANTS)
+                    yield dict(cell, variant=variant, lr_mult=lr_mult, cell_norm=_default_cell_norm(variant))
 
 
 def _worker(run: Dict[str, Any]) -> Dict[str, Any]:
@@ -295,8 +309,7 @@ def report(data: Dict[str, Any], stem: Path) -> str:
     """Markdown tables (main comparison and ablations, test and validation) and a plot of paired gains."""
     runs = [r for r in data['runs'] if 'error' not in r]
     errors = [r for r in data['runs'] if 'error' in r]
-    main = [r for r in runs if r['width'] == DEFAULT_WIDTH and r['lr_mult'] == DEFAULT_LR_MULT
-            and (r['variant'] not in PTL_VARIANTS or cell_norm(r) == DEFAULT_CELL_NORM)]
+    main = [r for r in runs if is_main(r)]
     cells = sorted({(r['model'], r['task'], r['shots']) for r in main})
     env = data.get('environment', {})
     lines = [
@@ -333,7 +346,7 @@ def report(data: Dict[str, Any], stem: Path) -> str:
                   f'{v} - {ref} {_fmt_avg(g)} ({len(g)} cells)' for (v, ref), g in gains.items() if g) + '.', '']
 
     abl = [r for r in runs if r['variant'] in ('shared', 'control')]
-    settings = sorted({(r['width'], r['lr_mult'], cell_norm(r)) for r in abl if r['variant'] == 'shared'})
+    settings = sorted({setting(r) for r in abl if r['variant'] == 'shared'})
     if len(settings) > 1:
         lines += [
             '### Ablations: cell width, learning-rate multiplier of the new layers, cell_norm (shared state)', '',
@@ -344,14 +357,15 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             'val gain vs control | val vs default | test control | test shared | test gain vs control |',
             '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
         ]
-        ablated = {(r['model'], r['task'], r['shots']) for r in abl if r['variant'] == 'shared' and (
-            r['width'], r['lr_mult'], cell_norm(r)) != (DEFAULT_WIDTH, DEFAULT_LR_MULT, DEFAULT_CELL_NORM)}
-        for (model, task, shots), (width, lr_mult, norm) in itertools.product(sorted(ablated), settings):
+        ablated = sorted({(r['model'], r['task'], r['shots']) for r in abl
+                          if r['variant'] == 'shared' and setting(r) != DEFAULT_SETTING})
+        defaults = {cell: _by_seed([r for r in main if (r['model'], r['task'], r['shots'], r['variant']) ==
+                                    (*cell, 'shared')], 'val_acc') for cell in ablated}
+        for (model, task, shots), (width, lr_mult, norm) in itertools.product(ablated, settings):
             sel = [r for r in abl if (r['model'], r['task'], r['shots'], r['lr_mult']) == (model, task, shots, lr_mult)]
             ptl = [r for r in sel if r['variant'] == 'shared' and r['width'] == width and cell_norm(r) == norm]
             ctl = [r for r in sel if r['variant'] == 'control' and r['width'] == DEFAULT_WIDTH]
-            default = _by_seed([r for r in main if (r['model'], r['task'], r['shots'], r['variant']) ==
-                                (model, task, shots, 'shared')], 'val_acc')
+            default = defaults[(model, task, shots)]
             if not ptl:
                 continue
             row = [model, task, str(shots), f'{width:g}', f'{lr_mult:g}', str(norm), str(len(ptl))]
@@ -363,7 +377,7 @@ def report(data: Dict[str, Any], stem: Path) -> str:
                 paired = [p[s] - c[s] for s in seeds]
                 row.append(_fmt_ci(paired) if paired else '-')
                 if metric == 'val_acc':
-                    is_default = (width, lr_mult, norm) == (DEFAULT_WIDTH, DEFAULT_LR_MULT, DEFAULT_CELL_NORM)
+                    is_default = (width, lr_mult, norm) == DEFAULT_SETTING
                     vs_default = [] if is_default else [p[s] - default[s] for s in p if s in default]
                     row.append(_fmt_ci(vs_default) if vs_default else '-')
             lines.append('| ' + ' | '.join(row) + ' |')

@@ -16,8 +16,7 @@ from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 def _compare(runs: List[dict], reference: List[dict]) -> List[str]:
     ref = {(r['model'], r['task'], r['shots'], r['seed'], r['variant']): r for r in reference
-           if 'error' not in r and r['width'] == transfer.DEFAULT_WIDTH and r['lr_mult'] == transfer.DEFAULT_LR_MULT
-           and not transfer.cell_norm(r)}
+           if 'error' not in r and transfer.is_main(r)}
     lines = ['| task | seeds | metric | vs control | vs shared (package) | minus no cells |',
              '|---|---|---|---|---|---|']
     for task in sorted({r['task'] for r in runs}):
@@ -39,11 +38,9 @@ def run_prototype(name: str, modify: Callable[[nn.Module], List[nn.Parameter]], 
     p.add_argument('--seeds', type=int, default=5)
     p.add_argument('--workers', type=int, default=2)
     args = p.parse_args(argv)
-    defaults = vars(transfer.parse_args([]))
-    base = {k: defaults[k] for k in ('img_size', 'batch_size', 'epochs', 'min_steps', 'lr', 'weight_decay')}
-    runs = [dict(base, model='mobilenetv2_100', task=task, shots=10, seed=seed, variant='shared',
-                 width=transfer.DEFAULT_WIDTH, lr_mult=transfer.DEFAULT_LR_MULT, prototype=name)
-            for seed in range(args.seeds) for task in args.tasks.split(',')]
+    grid_args = transfer.parse_args(['--models', 'mobilenetv2_100', '--tasks', args.tasks, '--shots', '10',
+                                     '--seeds', str(args.seeds), '--variants', 'shared'])
+    runs = [dict(run, prototype=name) for run in transfer.grid(grid_args)]
     with mp.get_context('spawn').Pool(args.workers) as pool:
         results = pool.map(partial(transfer.run_one, modify=modify), runs)
     path = RESULTS_DIR / 'prototypes' / f'{name}.json'

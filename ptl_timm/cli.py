@@ -168,18 +168,15 @@ def cmd_manifest_table(args: argparse.Namespace) -> None:
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:
-    stale = []
-    for path, text in hub.render_zoo(args.manifest).items():
-        if path.is_file() and path.read_text() == text:
-            continue
-        stale.append(str(path))
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+    stale = hub.write_zoo(args.manifest, check=args.check)
     if args.check and stale:
-        raise ValueError(f'Out of date with the manifest: {", ".join(stale)}. Run: python -m ptl_timm zoo')
+        raise ValueError(f'Out of date with the manifest: {", ".join(map(str, stale))}. Run: python -m ptl_timm zoo')
     print(f'{"Checked" if args.check else "Wrote"} the model cards of {len(hub.load_manifest(args.manifest))} '
           f'manifest entries' + (f' ({len(stale)} updated)' if stale and not args.check else '') + '.')
+
+
+_LOG_HANDLER = logging.StreamHandler()
+_LOG_HANDLER.setFormatter(logging.Formatter('%(message)s'))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,12 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter('%(message)s'))
     for name in ('ptl_timm', 'timm'):  # not the root logger: huggingface_hub prints through its own handler
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
-        logger.addHandler(handler)
+        if _LOG_HANDLER not in logger.handlers:  # main() may run several times in one process (tests)
+            logger.addHandler(_LOG_HANDLER)
     try:
         args.func(args)
     except (hub.HubError, ValueError, FileNotFoundError) as e:

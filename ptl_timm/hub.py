@@ -42,7 +42,7 @@ from .ptl_net import PTLNet
 __all__ = [
     'HubError', 'MANIFEST_PATH', 'WEIGHTS_NAME', 'STATUSES', 'file_sha256', 'ptl_model_args', 'save_pretrained',
     'read_checkpoint', 'export_checkpoint', 'load_model', 'check_export_folder', 'push_folder', 'load_manifest',
-    'manifest_pretrained_cfgs', 'tag_model_args', 'model_card', 'manifest_table', 'render_zoo',
+    'manifest_pretrained_cfgs', 'tag_model_args', 'model_card', 'manifest_table', 'render_zoo', 'write_zoo',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -412,6 +412,11 @@ def push_folder(
 
 
 # --- weights manifest -------------------------------------------------------------------------------------
+def _entry_sha(entry: Dict[str, Any]) -> Optional[str]:
+    """The recorded sha256 of a manifest entry's weights file, or None before it is built."""
+    return (entry['files'] or {}).get(WEIGHTS_NAME, {}).get('sha256')
+
+
 def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str, Any]]:
     """Entries of ``weights/manifest.json`` by registered name, validated. A missing default manifest
     (package installed without the repository's weights/ folder) gives no entries."""
@@ -435,7 +440,7 @@ def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str
                 problems.append(f'config architecture {entry["config"].get("architecture")!r} is not {arch!r}')
             if entry['status'] not in STATUSES:
                 problems.append(f'status {entry["status"]!r} not in {STATUSES}')
-            sha = (entry['files'] or {}).get(WEIGHTS_NAME, {}).get('sha256')
+            sha = _entry_sha(entry)
             if entry['status'] == 'published' and not sha:
                 problems.append(f'published without the sha256 of {WEIGHTS_NAME}')
             if sha is not None and (len(sha) != 64 or set(sha) - set('0123456789abcdef')):
@@ -448,11 +453,11 @@ def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str
     return entries
 
 
-def manifest_pretrained_cfgs(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str, Any]]:
-    """Pretrained cfgs of the manifest's full-PTL tags, to merge into ``ptl_zoo.default_cfgs``: the
-    preprocessing of their config.json and ``hf_hub_id`` of their PTL repo."""
+def manifest_pretrained_cfgs(entries: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Pretrained cfgs of the full-PTL tags of ``entries`` (:func:`load_manifest`), to merge into
+    ``ptl_zoo.default_cfgs``: the preprocessing of their config.json and ``hf_hub_id`` of their PTL repo."""
     cfgs = {}
-    for name, entry in load_manifest(path).items():
+    for name, entry in entries.items():
         cfg = {k: v for k, v in entry['config']['pretrained_cfg'].items() if k in _CFG_FIELDS}
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
         cfg.update(
@@ -465,12 +470,13 @@ def manifest_pretrained_cfgs(path: Optional[Union[str, Path]] = None) -> Dict[st
     return cfgs
 
 
-def tag_model_args(variant: str, pretrained_cfg: Any = None) -> Dict[str, Any]:
-    """``model_args`` of a full-PTL tag's config, for the ptl_* entrypoint: a registered tag (unlike an
-    ``hf-hub:`` name) gets no ``model_args`` from timm, yet its cell widths and state grid must match."""
+def tag_model_args(entries: Dict[str, Dict[str, Any]], variant: str, pretrained_cfg: Any = None) -> Dict[str, Any]:
+    """``model_args`` of a full-PTL tag's config in ``entries`` (:func:`load_manifest`), for the ptl_*
+    entrypoint: a registered tag (unlike an ``hf-hub:`` name) gets no ``model_args`` from timm, yet its cell
+    widths and state grid must match."""
     if not isinstance(pretrained_cfg, str):
         return {}
-    entry = load_manifest().get(f'{variant}.{pretrained_cfg}')
+    entry = entries.get(f'{variant}.{pretrained_cfg}')
     return copy.deepcopy(entry['config'].get('model_args', {})) if entry else {}
 
 
@@ -544,7 +550,7 @@ def model_card(
             lines += [f'- {k}: {_fmt(v)}' for k, v in results.items()]
         else:
             lines += ['Not measured yet (the checkpoint has not been built).']
-        sha = (entry['files'] or {}).get(WEIGHTS_NAME, {}).get('sha256')
+        sha = _entry_sha(entry)
         lines += ['', '## Files', '', f'- `{WEIGHTS_NAME}` sha256: `{sha}`' if sha else
                   f'- `{WEIGHTS_NAME}`: not built yet.']
         lines += ['', '## Licence', '', f'Model: {entry["licence"]}. Data: {data["licence"]}. '
@@ -557,7 +563,7 @@ def manifest_table(path: Optional[Union[str, Path]] = None) -> str:
     rows = ['| tag | Hub repo | status | task | data | result | sha256 (model.safetensors) |',
             '|---|---|---|---|---|---|---|']
     for name, e in load_manifest(path).items():
-        sha = (e['files'] or {}).get(WEIGHTS_NAME, {}).get('sha256')
+        sha = _entry_sha(e)
         result = '; '.join(f'{k} {_fmt(v)}' for k, v in (e['results'] or {}).items() if k != 'measured') or '-'
         rows.append(f'| `{name}` | `{e["hf_hub_id"]}` | {e["status"]} | {e["task"]} | {e["data"]["name"]} | '
                     f'{result} | {f"`{sha[:12]}…`" if sha else "-"} |')
@@ -573,3 +579,17 @@ def render_zoo(path: Optional[Union[str, Path]] = None) -> Dict[Path, str]:
         files[folder / 'config.json'] = json.dumps(entry['config'], indent=2) + '\n'
         files[folder / 'README.md'] = model_card(entry['config'], entry=entry)
     return files
+
+
+def write_zoo(path: Optional[Union[str, Path]] = None, check: bool = False) -> List[Path]:
+    """Bring ``weights/<name>/`` in line with the manifest (:func:`render_zoo`); returns the files that were
+    out of date. ``check`` only reports them."""
+    stale = []
+    for file, text in render_zoo(path).items():
+        if file.is_file() and file.read_text() == text:
+            continue
+        stale.append(file)
+        if not check:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(text)
+    return stale

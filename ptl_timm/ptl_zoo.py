@@ -20,7 +20,7 @@ from timm.models import (
     split_model_name_tag,
 )
 
-from .hub import manifest_pretrained_cfgs, tag_model_args
+from .hub import load_manifest, manifest_pretrained_cfgs, tag_model_args
 from .ptl_net import PTLNet, check_model_name
 
 __all__ = ['create_ptl_model', 'checkpoint_filter_fn', 'ptl_pretrained_cfgs', 'PTL_BACKBONES']
@@ -131,7 +131,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PTLNet) -> 
 def _create_ptl(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> PTLNet:
     kwargs.setdefault('feature_cfg', dict(feature_cls='getter', out_indices=None))
     # a full-PTL tag (weights/manifest.json) rebuilds the model its checkpoint holds: cell widths, state grid...
-    kwargs = dict(tag_model_args(variant, kwargs.get('pretrained_cfg')), **kwargs)
+    kwargs = dict(tag_model_args(_MANIFEST, variant, kwargs.get('pretrained_cfg')), **kwargs)
     return build_model_with_cfg(
         PTLNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -160,9 +160,11 @@ def create_ptl_model(backbone: str, pretrained: bool = False, **kwargs: Any) -> 
                        **kwargs)
 
 
+# read once: the full-PTL tags registered below and the model_args each of them rebuilds
+_MANIFEST = load_manifest()
 default_cfgs = generate_default_cfgs({
     **{name: cfg for backbone in PTL_BACKBONES for name, cfg in ptl_pretrained_cfgs(backbone).items()},
-    **manifest_pretrained_cfgs(),  # full-PTL tags of weights/manifest.json, after the backbone tags (not default)
+    **manifest_pretrained_cfgs(_MANIFEST),  # full-PTL tags, after the backbone tags (not default)
 })
 
 

@@ -34,7 +34,7 @@ from timm.utils import CheckpointSaver
 import ptl_timm  # noqa: F401  registers the ptl_* models
 from ptl_timm.cli import replace_manifest_table
 from ptl_timm.data import few_shot_split, load_animal_mnist
-from ptl_timm.hub import MANIFEST_PATH, WEIGHTS_NAME, load_manifest, manifest_table, render_zoo, save_pretrained
+from ptl_timm.hub import MANIFEST_PATH, WEIGHTS_NAME, load_manifest, manifest_table, save_pretrained, write_zoo
 from ptl_timm.offline_weights import create_offline_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,9 +77,7 @@ def update_manifest(name: str, **changes) -> None:
     tmp_path = MANIFEST_PATH.with_suffix('.tmp')
     tmp_path.write_text(json.dumps(manifest, indent=2) + '\n')
     os.replace(tmp_path, MANIFEST_PATH)
-    for path, text in render_zoo().items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    write_zoo()
     replace_manifest_table(REPO_ROOT / 'README.md', manifest_table())
 
 

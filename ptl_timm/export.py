@@ -132,6 +132,11 @@ _EXPORTERS: Dict[str, Callable[..., Path]] = {
 }
 
 
+def _format_of(path: Path) -> Optional[str]:
+    """The export format a file suffix names (``EXPORT_FORMATS``), or None."""
+    return next((f for f, suffix in EXPORT_FORMATS.items() if path.suffix == suffix), None)
+
+
 def export_model(
         model: nn.Module,
         path: Union[str, Path],
@@ -141,7 +146,7 @@ def export_model(
     """Export in ``fmt`` (``'onnx'``, ``'torchscript'``, ``'export'``), by default the one ``path``'s suffix names."""
     path = Path(path)
     if fmt is None:
-        fmt = next((f for f, suffix in EXPORT_FORMATS.items() if path.suffix == suffix), None)
+        fmt = _format_of(path)
         if fmt is None:
             raise ValueError(f'Cannot tell the export format from {path.name!r}: give fmt= one of '
                              f'{list(EXPORT_FORMATS)} or a file ending in {", ".join(EXPORT_FORMATS.values())}.')
@@ -153,7 +158,7 @@ def export_model(
 def load_exported(path: Union[str, Path], fmt: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function images (B, C, H, W) -> outputs (B, ...) running an exported file (ONNX with onnxruntime)."""
     path = Path(path)
-    fmt = fmt or next((f for f, suffix in EXPORT_FORMATS.items() if path.suffix == suffix), None)
+    fmt = fmt or _format_of(path)
     if fmt == 'torchscript':
         return torch.jit.load(str(path)).eval()
     if fmt == 'export':
@@ -207,9 +212,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--no-check', action='store_true', help='skip the comparison with the PyTorch model')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-
-    import ptl_timm  # noqa: F401  (registers the ptl_* models)
-
     kwargs = dict(args.model_kwargs)
     if args.num_classes is not None:
         kwargs['num_classes'] = args.num_classes

@@ -265,7 +265,7 @@ def _pair_dist2(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, metric:
     """Squared distances between x[rows] and x[cols], elementwise, in pair chunks (the gathered rows of
     millions of pairs would not fit in memory)."""
     out = torch.empty(len(rows), dtype=torch.float64)
-    step = max(1, _BLOCK_ELEMENTS // x.shape[1])
+    step = default_chunk_size(x.shape[1])
     for s in range(0, len(rows), step):
         a, b = x[rows[s:s + step]].double(), x[cols[s:s + step]].double()
         if metric == 'cosine':

@@ -1,6 +1,7 @@
-"""Helpers shared by test modules: real Animal-MNIST batches and a train.py-format checkpoint."""
+"""Helpers shared by test modules: real Animal-MNIST batches, a train.py-format checkpoint, subprocess env."""
 import argparse
 import functools
+import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -9,6 +10,12 @@ import torch.nn.functional as F
 from timm.utils import CheckpointSaver, ModelEmaV3
 
 from ptl_timm.data import load_animal_mnist
+
+
+def repo_on_pythonpath(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` with this checkout first on PYTHONPATH, so a subprocess imports the ptl_timm under test."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get('PYTHONPATH')])))
 
 
 @functools.lru_cache(maxsize=1)

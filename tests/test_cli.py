@@ -3,19 +3,17 @@ errors (one line, no traceback, exit status 2)."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
-from helpers import train_and_save
+from helpers import repo_on_pythonpath, train_and_save
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
 
 import ptl_timm  # noqa: F401
 from ptl_timm import cli, hub
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
 
 
@@ -25,9 +23,8 @@ def env(tmp_path):
     dropped = ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE', 'HF_ENDPOINT')
     env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(HF_HOME=str(tmp_path / 'hf'), HF_HUB_CACHE=str(tmp_path / 'hf' / 'hub'), HF_HUB_OFFLINE='1',
-               HF_TOKEN_PATH=str(tmp_path / 'hf' / 'no-token'), OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')])))
-    return env
+               HF_TOKEN_PATH=str(tmp_path / 'hf' / 'no-token'), OMP_NUM_THREADS='1')
+    return repo_on_pythonpath(env)
 
 
 def run(env, *args):

@@ -16,6 +16,7 @@ import ddp_worker as worker
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import repo_on_pythonpath
 
 from ptl_timm import bconv_cells
 
@@ -29,9 +30,7 @@ TIMEOUT_S = 240
 def ddp_results(tmp_path_factory) -> Dict[str, List[dict]]:
     """Run the worker once under torchrun (every scenario in one process group) and load each rank's output."""
     out = tmp_path_factory.mktemp('ddp')
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    root = str(WORKER.parent.parent)
-    env['PYTHONPATH'] = os.pathsep.join([root, env['PYTHONPATH']]) if env.get('PYTHONPATH') else root
+    env = repo_on_pythonpath(dict(os.environ, OMP_NUM_THREADS='1'))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={WORLD_SIZE}',
            str(WORKER), '--out', str(out)]
     # own session: on a timeout the whole group (torchrun and its ranks) is killed, never left hanging

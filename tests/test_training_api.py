@@ -4,13 +4,13 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import List, Tuple
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import repo_on_pythonpath
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.layers import convert_sync_batchnorm
@@ -271,9 +271,7 @@ print('registered', timm.is_model('ptl_resnet18'), 'name', __name__, 'argv', sys
 def test_launch_runs_a_script_with_ptl_models_registered(tmp_path):
     script = tmp_path / 'validate.py'
     script.write_text(SCRIPT)
-    env = dict(os.environ, **{SCRIPTS_ENV: str(tmp_path)})
-    root = str(Path(__file__).resolve().parent.parent)
-    env['PYTHONPATH'] = os.pathsep.join([root, env['PYTHONPATH']]) if env.get('PYTHONPATH') else root
+    env = repo_on_pythonpath(dict(os.environ, **{SCRIPTS_ENV: str(tmp_path)}))
     cmd = [sys.executable, '-m', 'ptl_timm.launch', 'validate', '--', '--model', 'ptl_resnet18', '-b', '4']
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

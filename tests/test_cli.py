@@ -51,6 +51,14 @@ def checkpoint(tmp_path_factory):
     return dict(path=root / 'last.pth.tar', ema=ema.module.eval(), root=root)
 
 
+@pytest.fixture(scope='module')
+def export_folder(checkpoint):
+    """The EMA weights of ``checkpoint`` exported in process (the CLI's own export is tested end to end below)."""
+    out = checkpoint['root'] / 'export'
+    hub.export_checkpoint(checkpoint['path'], out, use_ema=True)
+    return out
+
+
 def test_list_shows_models_backbone_tags_and_manifest_checkpoints(env):
     result = run(env, 'list')
     assert result.returncode == 0, result.stderr
@@ -92,7 +100,6 @@ def test_export_ema_end_to_end_then_push_fails_cleanly_offline(env, checkpoint, 
 
     assert_clean_error(run(env, 'push', out, 'someone/ptl_resnet18.test'), 'someone/ptl_resnet18.test',
                        'HF_HUB_OFFLINE')
-    checkpoint['export'] = out
 
 
 def in_process(capsys, *args):
@@ -103,7 +110,7 @@ def in_process(capsys, *args):
     return status, err
 
 
-def test_errors_are_one_line_with_exit_status_2(checkpoint, tmp_path, capsys, monkeypatch):
+def test_errors_are_one_line_with_exit_status_2(checkpoint, export_folder, tmp_path, capsys, monkeypatch):
     cache = tmp_path / 'hub'
     monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
@@ -118,13 +125,13 @@ def test_errors_are_one_line_with_exit_status_2(checkpoint, tmp_path, capsys, mo
     assert status == 2 and 'truncated' in err
     status, err = in_process(capsys, 'push', tmp_path, 'someone/x')
     assert status == 2 and 'model.safetensors' in err and 'python -m ptl_timm export' in err
-    if 'export' in checkpoint:  # online mode but no token: refused before any network call
-        monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
-        monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
-        for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
-            monkeypatch.delenv(var, raising=False)
-        status, err = in_process(capsys, 'push', checkpoint['export'], 'someone/x')
-        assert status == 2 and 'not logged in' in err and 'HF_TOKEN' in err
+    # online mode but no token: refused before any network call
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
+    for var in ('HF_TOKEN', 'HUGGING_FACE_HUB_TOKEN', 'HF_OIDC_RESOURCE'):
+        monkeypatch.delenv(var, raising=False)
+    status, err = in_process(capsys, 'push', export_folder, 'someone/x')
+    assert status == 2 and 'not logged in' in err and 'HF_TOKEN' in err
 
 
 def test_manifest_table_and_zoo_check(capsys, tmp_path):

@@ -101,12 +101,14 @@ def save_pretrained(
         directory: Union[str, Path],
         data_config: Optional[Dict[str, Any]] = None,
         label_names: Optional[List[str]] = None,
-        card: Optional[str] = None,
         notes: Optional[str] = None,
         license: Optional[str] = None,
+        repo_id: Optional[str] = None,
+        training: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, str]:
     """Write ``model`` as a Hub-ready folder with timm's ``save_for_hf``: model.safetensors, config.json
-    (``model_args`` from :func:`ptl_model_args`) and README.md (``card``, else :func:`model_card`).
+    (``model_args`` from :func:`ptl_model_args`) and README.md (:func:`model_card`, given ``repo_id`` and
+    ``training``).
 
     ``data_config`` (input_size / img_size, mean, std, crop_pct, interpolation) describes the preprocessing
     the weights were trained with; default: the model's nominal ``img_size``. ``license`` replaces the one
@@ -132,7 +134,7 @@ def save_pretrained(
     config = json.loads(config_path.read_text())
     config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items() if v is not None}
     config_path.write_text(json.dumps(config, indent=2) + '\n')
-    (directory / 'README.md').write_text(card if card is not None else model_card(config))
+    (directory / 'README.md').write_text(model_card(config, repo_id=repo_id, training=training))
     return {name: file_sha256(directory / name) for name in (WEIGHTS_NAME, 'config.json', 'README.md')}
 
 
@@ -248,10 +250,9 @@ def export_checkpoint(
     training = dict(checkpoint=Path(checkpoint).name, weights=meta['source'])
     training.update({k: meta[k] for k in ('epoch', 'metric') if meta.get(k) is not None})
     with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
-        hashes = save_pretrained(model, tmp, data_config=data, label_names=label_names, license=license)
+        hashes = save_pretrained(model, tmp, data_config=data, label_names=label_names, license=license,
+                                 repo_id=repo_id, training=training)
         config = json.loads((Path(tmp) / 'config.json').read_text())
-        (Path(tmp) / 'README.md').write_text(model_card(config, repo_id=repo_id, training=training))
-        hashes['README.md'] = file_sha256(Path(tmp) / 'README.md')
         _verify_round_trip(model, Path(tmp))
         for name in hashes:
             os.replace(Path(tmp) / name, directory / name)

@@ -62,6 +62,14 @@ def _assert_states_close(a: torch.nn.Module, b: torch.nn.Module, **tol) -> None:
         torch.testing.assert_close(sa, sb, **tol)
 
 
+@pytest.fixture(scope='module')
+def eager():
+    """The eager model trained two steps on ``_batches(2)``, and its logits: the reference that channels_last,
+    grad checkpointing, SyncBatchNorm and torch.compile must reproduce (tests only read it)."""
+    model = _model()
+    return model, _train(model, _batches(2))
+
+
 def test_train_then_eval_each_epoch():
     """train.py calls .train() before and .eval() after every epoch: train writes the state, eval only reads it."""
     model = _model()
@@ -206,12 +214,10 @@ def test_autocast_bf16_trains_with_a_float32_state():
         assert torch.isfinite(model(x)).all()
 
 
-def test_channels_last_matches_contiguous_and_checkpoints_are_portable():
+def test_channels_last_matches_contiguous_and_checkpoints_are_portable(eager):
+    ref, out_ref = eager
     cl = _model().to(memory_format=torch.channels_last)
-    ref = _model()
-    batches = _batches(2)
-    out_cl = _train(cl, batches, memory_format=torch.channels_last)
-    out_ref = _train(ref, batches)
+    out_cl = _train(cl, _batches(2), memory_format=torch.channels_last)
     torch.testing.assert_close(out_cl, out_ref, rtol=1e-4, atol=1e-4)
     _assert_states_close(cl, ref, rtol=1e-4, atol=1e-5)
     loaded = _model()
@@ -219,44 +225,41 @@ def test_channels_last_matches_contiguous_and_checkpoints_are_portable():
     _assert_states_close(loaded, cl, rtol=0, atol=0)
 
 
-def test_grad_checkpointing_gives_the_same_training_and_writes_the_state_once():
-    ckpt, ref = _model(), _model()
+def test_grad_checkpointing_gives_the_same_training_and_writes_the_state_once(eager):
+    ref, out_ref = eager
+    ckpt = _model()
     ckpt.set_grad_checkpointing(True)
-    batches = _batches(2)
-    torch.testing.assert_close(_train(ckpt, batches), _train(ref, batches), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_train(ckpt, _batches(2)), out_ref, rtol=1e-5, atol=1e-5)
     _assert_states_close(ckpt, ref, rtol=1e-5, atol=1e-6)
     for (n, a), b in zip(ckpt.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f'{n}: {m}')
 
 
-def test_sync_batchnorm_conversion_keeps_cells_and_checkpoints():
+def test_sync_batchnorm_conversion_keeps_cells_and_checkpoints(eager):
     """train.py --sync-bn converts with timm's convert_sync_batchnorm. Without a process group SyncBatchNorm
     behaves as BatchNorm (torch trains it across ranks on GPUs only), so training must match the plain model."""
-    model, ref = _model(), _model()
-    synced = convert_sync_batchnorm(model)
+    ref, out_ref = eager
+    synced = convert_sync_batchnorm(_model())
     norms = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
     assert len(list(bconv_cells(synced))) == len(list(bconv_cells(ref)))
     sd, ref_sd = synced.state_dict(), ref.state_dict()
     assert list(sd) == list(ref_sd) and all(sd[k].shape == ref_sd[k].shape for k in sd)
-    batches = _batches(2)
-    torch.testing.assert_close(_train(synced, batches), _train(ref, batches), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_train(synced, _batches(2)), out_ref, rtol=1e-5, atol=1e-5)
     _assert_states_close(synced, ref, rtol=1e-5, atol=1e-6)
     plain = _model()
     plain.load_state_dict(synced.state_dict())
     _assert_states_close(plain, synced, rtol=0, atol=0)
 
 
-def test_torch_compile_trains_like_eager():
+def test_torch_compile_trains_like_eager(eager):
     """train.py --torchcompile. The aot_eager backend runs Dynamo and AOTAutograd (where the in-place state write
     is functionalised) without inductor's C++ build, which takes minutes on a small CPU."""
-    eager, compiled_src = _model(), _model()
+    ref, out_ref = eager
+    compiled_src = _model()
     compiled = torch.compile(compiled_src, backend='aot_eager')
-    batches = _batches(2)
-    out_c = _train(compiled, batches)
-    out_e = _train(eager, batches)
-    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
-    _assert_states_close(compiled_src, eager, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_train(compiled, _batches(2)), out_ref, rtol=1e-4, atol=1e-5)
+    _assert_states_close(compiled_src, ref, rtol=1e-4, atol=1e-6)
     assert all(s.abs().amax() > 0 for s in _states(compiled_src))
 
 

@@ -7,10 +7,10 @@ size (the one given at export; the state is resampled to that grid once, in the 
     from ptl_timm.export import export_onnx
     export_onnx(model, 'model.onnx', input_size=(3, 224, 224))   # input 'input' (B, 3, 224, 224) -> 'output'
 
-or from a checkpoint written by timm's train.py::
+or from a checkpoint written by timm's train.py (its arch, classes, --model-kwargs and image size are read
+from the checkpoint; --model, --num-classes, --model-kwargs and --img-size override them)::
 
-    python -m ptl_timm.export --model ptl_resnet50 --num-classes 37 --checkpoint output/train/x/model_best.pth.tar \\
-        --img-size 224 --format onnx --output model.onnx
+    python -m ptl_timm.export --checkpoint output/train/x/model_best.pth.tar --use-ema --output model.onnx
 
 ``--check`` (default) reloads the file and compares it with the PyTorch eval model at two batch sizes (ONNX
 through onnxruntime: ``pip install onnx onnxruntime onnxscript``).
@@ -18,6 +18,7 @@ through onnxruntime: ``pip install onnx onnxruntime onnxscript``).
 import argparse
 import copy
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
@@ -25,10 +26,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.models import load_checkpoint
 from timm.utils import ParseKwargs
 from torch import nn
 
+from . import hub
 from .bconv_cell import bconv_cells
 
 __all__ = [
@@ -196,37 +197,55 @@ def check_export(
     return worst
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Tuple[int, int, int]]:
+    """The model to export and its input size: --img-size, else the size train.py was run with (a train.py
+    checkpoint stores its args), else the model's data config."""
+    kwargs = dict(args.model_kwargs)
+    kwargs.update({k: getattr(args, k) for k in ('num_classes', 'in_chans') if getattr(args, k) is not None})
+    if args.checkpoint:  # the model the checkpoint holds: its arch and train.py args, with clear key errors
+        model, meta = hub.model_from_checkpoint(args.checkpoint, args.model, args.use_ema, kwargs)
+        data_args = meta.get('args') or {}
+    elif args.model:
+        model, data_args = timm.create_model(args.model, **kwargs), {}
+    else:
+        raise ValueError('Nothing to export: pass --checkpoint (a train.py checkpoint) and/or --model.')
+    if args.img_size is not None:
+        return model, (model.in_chans, args.img_size, args.img_size)
+    return model, resolve_data_config(data_args, model=model)['input_size']
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m ptl_timm.export', description=__doc__.split('\n')[0])
-    parser.add_argument('--model', '-m', required=True, help='timm model name, e.g. ptl_resnet50')
+    parser.add_argument('--model', '-m', default=None,
+                        help="timm model name, e.g. ptl_resnet50 (default: a train.py checkpoint's arch)")
     parser.add_argument('--checkpoint', default='', help='checkpoint to load (e.g. train.py\'s model_best.pth.tar)')
     parser.add_argument('--use-ema', action='store_true', help='load the EMA weights of a train.py checkpoint')
-    parser.add_argument('--num-classes', type=int, default=None)
-    parser.add_argument('--img-size', type=int, default=None, help='input height and width (default: data config)')
-    parser.add_argument('--in-chans', type=int, default=3)
+    parser.add_argument('--num-classes', type=int, default=None, help='default: the checkpoint\'s classifier')
+    parser.add_argument('--img-size', type=int, default=None,
+                        help="input height and width (default: a train.py checkpoint's, else the data config)")
+    parser.add_argument('--in-chans', type=int, default=None)
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                        help='as train.py\'s --model-kwargs (give the same ones), e.g. img_size=224 state_mode=carried')
+                        help='as train.py\'s --model-kwargs, e.g. img_size=224 state_mode=carried (a train.py '
+                             'checkpoint supplies the ones it was trained with)')
     parser.add_argument('--format', choices=list(EXPORT_FORMATS), default=None,
                         help='default: from the output suffix (.onnx, .pt, .pt2)')
     parser.add_argument('--output', '-o', required=True)
     parser.add_argument('--no-check', action='store_true', help='skip the comparison with the PyTorch model')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    kwargs = dict(args.model_kwargs)
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
-    model = timm.create_model(args.model, in_chans=args.in_chans, **kwargs)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
-    input_size = None
-    if args.img_size is not None:
-        input_size = (args.in_chans, args.img_size, args.img_size)
-    path = export_model(model, args.output, args.format, input_size)
-    _logger.info(f'Exported {args.model} ({_input_size(model, input_size)}, dynamic batch) to {path}')
-    if not args.no_check:
-        worst = check_export(model, path, args.format, input_size)
-        _logger.info(f'Checked against PyTorch eval at batch sizes 1 and 3: max abs difference {worst:.3g}')
+    try:
+        model, input_size = _build_model(args)
+        path = export_model(model, args.output, args.format, input_size)
+        _logger.info(f'Exported {model.default_cfg["architecture"]} ({_input_size(model, input_size)}, '
+                     f'dynamic batch) to {path}')
+        if not args.no_check:
+            worst = check_export(model, path, args.format, input_size)
+            _logger.info(f'Checked against PyTorch eval at batch sizes 1 and 3: max abs difference {worst:.3g}')
+    except (hub.HubError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

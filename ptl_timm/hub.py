@@ -41,8 +41,9 @@ from .ptl_net import PTLNet
 
 __all__ = [
     'HubError', 'MANIFEST_PATH', 'WEIGHTS_NAME', 'STATUSES', 'file_sha256', 'ptl_model_args', 'save_pretrained',
-    'read_checkpoint', 'export_checkpoint', 'load_model', 'check_export_folder', 'push_folder', 'load_manifest',
-    'manifest_pretrained_cfgs', 'tag_model_args', 'model_card', 'manifest_table', 'render_zoo', 'write_zoo',
+    'read_checkpoint', 'model_from_checkpoint', 'export_checkpoint', 'load_model', 'check_export_folder',
+    'push_folder', 'load_manifest', 'manifest_pretrained_cfgs', 'tag_model_args', 'model_card', 'manifest_table',
+    'render_zoo', 'write_zoo',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -197,24 +198,17 @@ _TRAIN_MODEL_ARGS = dict(in_chans='in_chans', gp='global_pool', bn_momentum='bn_
 _TRAIN_DATA_ARGS = ('input_size', 'img_size', 'mean', 'std', 'crop_pct', 'interpolation', 'crop_mode')
 
 
-def export_checkpoint(
+def model_from_checkpoint(
         checkpoint: Union[str, Path],
-        directory: Union[str, Path],
         model_name: Optional[str] = None,
         use_ema: bool = False,
         model_kwargs: Optional[Dict[str, Any]] = None,
-        data_config: Optional[Dict[str, Any]] = None,
-        label_names: Optional[List[str]] = None,
-        repo_id: Optional[str] = None,
-        license: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Export a checkpoint (see :func:`read_checkpoint`) to a Hub-ready folder and verify it.
+) -> Tuple[PTLNet, Dict[str, Any]]:
+    """The PTL model a checkpoint (see :func:`read_checkpoint`) holds, in eval mode, and the checkpoint's metadata.
 
     The model is rebuilt from ``model_name`` (default: the checkpoint's ``arch``), the train.py arguments
-    stored in the checkpoint, what the tensors tell (classes, slots of a 'carried' state) and ``model_kwargs`` (highest
-    priority); the weights load through ``checkpoint_filter_fn`` (mismatching keys are listed). The folder
-    is then loaded back with ``timm.create_model('local-dir:...')`` and must give bit-identical eval outputs.
-    Returns a summary: model name, model_args, source state_dict, {file: sha256}, the folder.
+    stored in the checkpoint, what the tensors tell (classes, slots of a 'carried' state) and ``model_kwargs``
+    (highest priority); the weights load through ``checkpoint_filter_fn`` (mismatching keys are listed).
     """
     from .ptl_zoo import checkpoint_filter_fn  # ptl_zoo imports this module for the manifest tags
 
@@ -241,7 +235,28 @@ def export_checkpoint(
     except ValueError as e:
         raise ValueError(f'{e}\nPass the settings it was trained with: --model-kwargs img_size=64 ... on the command '
                          'line, model_kwargs=dict(...) in Python.') from e
-    model.eval()
+    return model.eval(), meta
+
+
+def export_checkpoint(
+        checkpoint: Union[str, Path],
+        directory: Union[str, Path],
+        model_name: Optional[str] = None,
+        use_ema: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+        label_names: Optional[List[str]] = None,
+        repo_id: Optional[str] = None,
+        license: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Export a checkpoint to a Hub-ready folder and verify it.
+
+    The model is rebuilt by :func:`model_from_checkpoint`. The folder is then loaded back with
+    ``timm.create_model('local-dir:...')`` and must give bit-identical eval outputs.
+    Returns a summary: model name, model_args, source state_dict, {file: sha256}, the folder.
+    """
+    model, meta = model_from_checkpoint(checkpoint, model_name, use_ema, model_kwargs)
+    train_args = meta.get('args') or {}
 
     data = {k: train_args[k] for k in _TRAIN_DATA_ARGS if train_args.get(k) is not None}
     data.update(data_config or {})
@@ -256,8 +271,8 @@ def export_checkpoint(
         _verify_round_trip(model, Path(tmp))
         for name in hashes:
             os.replace(Path(tmp) / name, directory / name)
-    return dict(model=arch, model_args=config.get('model_args', {}), weights=meta['source'], files=hashes,
-                directory=str(directory))
+    return dict(model=config['architecture'], model_args=config.get('model_args', {}), weights=meta['source'],
+                files=hashes, directory=str(directory))
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
 """Deployment export: ONNX (dynamic batch, checked with onnxruntime), torch.export and TorchScript, state baked in."""
+import argparse
 import copy
 import logging
 
@@ -120,3 +121,32 @@ def test_cli_exports_the_ema_weights_of_a_train_py_checkpoint(trained, tmp_path)
     x = example_input(ema, INPUT_SIZE, batch_size=2)
     with torch.no_grad():
         torch.testing.assert_close(load_exported(out)(x), prepare_for_export(ema)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_rebuilds_the_model_a_train_py_checkpoint_describes_and_rejects_bad_files(trained, tmp_path, capsys):
+    """train.py's CheckpointSaver stores ``arch`` and its args: no --model, --num-classes or --model-kwargs needed.
+    Bad files give one ``error:`` line and exit status 2."""
+    checkpoint = tmp_path / 'last.pth.tar'
+    train_args = argparse.Namespace(model=MODEL, model_kwargs=dict(img_size=SIZE), img_size=SIZE, input_size=None,
+                                    in_chans=None, gp=None)
+    torch.save({'arch': MODEL, 'args': train_args, 'epoch': 3, 'state_dict': trained.state_dict()}, checkpoint)
+    out = tmp_path / 'model.pt2'
+    assert main(['--checkpoint', str(checkpoint), '--output', str(out)]) == 0
+    x = example_input(trained, INPUT_SIZE, batch_size=2)
+    with torch.no_grad():
+        torch.testing.assert_close(load_exported(out)(x), prepare_for_export(trained)(x), rtol=1e-5, atol=1e-6)
+    capsys.readouterr()
+
+    truncated = tmp_path / 'truncated.pth.tar'
+    truncated.write_bytes(checkpoint.read_bytes()[:1000])
+    other_size = tmp_path / 'resnet.pth.tar'
+    torch.save({'arch': 'ptl_resnet34', 'state_dict': trained.state_dict()}, other_size)
+    for argv, needle in [
+        (['--checkpoint', str(truncated)], 'truncated'),
+        (['--checkpoint', str(other_size)], 'layer'),  # resnet34 has more blocks: the missing keys are named
+        (['--checkpoint', str(checkpoint), '--use-ema'], 'state_dict_ema'),
+        ([], '--checkpoint'),
+    ]:
+        assert main([*argv, '--output', str(tmp_path / 'x.pt2')]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith('error: ') and needle in err and 'Traceback' not in err, (argv, err)

@@ -161,7 +161,7 @@ def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.
     split = few_shot_split(labels, run['shots'], run['seed'], val_n, test_n, test_pool=test_pool)
     model, groups = build(run, num_classes)
     if modify is not None:
-        groups[1]['params'] += modify(model)
+        groups[1]['params'] += modify(model.ptl if isinstance(model, CellsRemoved) else model)
     cfg = (model.ptl if isinstance(model, CellsRemoved) else model).pretrained_cfg
     mean, std = cfg['mean'], cfg['std']
     xs = {k: to_tensor(images[getattr(split, k)], run['img_size'], mean, std) for k in ('train', 'val', 'test')}

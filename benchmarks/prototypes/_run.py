@@ -14,18 +14,32 @@ import transfer  # noqa: E402
 from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 
+def _key(run: dict, variant: str) -> tuple:
+    return run['model'], run['task'], run['shots'], run['seed'], variant
+
+
 def _compare(runs: List[dict], reference: List[dict]) -> List[str]:
-    ref = {(r['model'], r['task'], r['shots'], r['seed'], r['variant']): r for r in reference
-           if 'error' not in r and transfer.is_main(r)}
-    lines = ['| task | seeds | metric | vs control | vs shared (package) | minus no cells |',
-             '|---|---|---|---|---|---|']
+    """Paired differences of the prototype's shared-state runs against the package's control and shared
+    model, and, where the prototype ran its own control (a change that also reaches the control, such as
+    the head), against that."""
+    ref = {_key(r, r['variant']): r for r in reference if 'error' not in r and transfer.is_main(r)}
+    own = {_key(r, r['variant']): r for r in runs}
+    columns = [('control', ref), ('shared', ref)]
+    header = '| task | seeds | metric | vs control | vs shared (package) |'
+    if any(r['variant'] == 'control' for r in runs):
+        columns.append(('control', own))
+        header += ' vs its own control | own control vs control |'
+    lines = [header + ' minus no cells |', '|' + '---|' * (header.count('|'))]
     for task in sorted({r['task'] for r in runs}):
-        sel = [r for r in runs if r['task'] == task]
+        sel = [r for r in runs if r['task'] == task and r['variant'] == 'shared']
         for metric in ('val_acc', 'test_acc'):
             row = [task, str(len(sel)), metric]
-            for variant in ('control', 'shared'):
-                diffs = [r[metric] - ref[(r['model'], r['task'], r['shots'], r['seed'], variant)][metric]
-                         for r in sel if (r['model'], r['task'], r['shots'], r['seed'], variant) in ref]
+            for variant, table in columns:
+                diffs = [r[metric] - table[_key(r, variant)][metric] for r in sel if _key(r, variant) in table]
+                row.append(transfer._fmt_ci(diffs) if diffs else '-')
+            if len(columns) == 3:
+                diffs = [own[_key(r, 'control')][metric] - ref[_key(r, 'control')][metric] for r in sel
+                         if _key(r, 'control') in own and _key(r, 'control') in ref]
                 row.append(transfer._fmt_ci(diffs) if diffs else '-')
             row.append(transfer._fmt_ci([r[metric] - r[f'{metric}_no_cells'] for r in sel]))
             lines.append('| ' + ' | '.join(row) + ' |')
@@ -37,9 +51,11 @@ def run_prototype(name: str, modify: Callable[[nn.Module], List[nn.Parameter]], 
     p.add_argument('--tasks', default='animal,fashion,emoji')
     p.add_argument('--seeds', type=int, default=5)
     p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--variants', default='shared',
+                   help="add 'control' when the change also reaches the control (e.g. the head)")
     args = p.parse_args(argv)
     grid_args = transfer.parse_args(['--models', 'mobilenetv2_100', '--tasks', args.tasks, '--shots', '10',
-                                     '--seeds', str(args.seeds), '--variants', 'shared'])
+                                     '--seeds', str(args.seeds), '--variants', args.variants])
     runs = [dict(run, prototype=name) for run in transfer.grid(grid_args)]
     with mp.get_context('spawn').Pool(args.workers) as pool:
         results = pool.map(partial(transfer.run_one, modify=modify), runs)

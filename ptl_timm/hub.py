@@ -48,7 +48,10 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-MANIFEST_PATH = Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json'
+# a built package carries its copy (setup.py); a checkout or editable install reads the repository's weights/
+_PACKAGED_MANIFEST = Path(__file__).resolve().parent / '_manifest.json'
+MANIFEST_PATH = (_PACKAGED_MANIFEST if _PACKAGED_MANIFEST.is_file()
+                 else Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json')
 WEIGHTS_NAME = 'model.safetensors'
 STATUSES = ('published', 'not yet published')
 _ENTRY_KEYS = ('name', 'hf_hub_id', 'status', 'task', 'data', 'backbone_weights', 'licence', 'recipe', 'command',

@@ -1,0 +1,18 @@
+"""Metadata lives in setup.cfg. This file only ships weights/manifest.json inside the built package (as
+ptl_timm/_manifest.json), so that a wheel install registers the full-PTL pretrained tags too; the repository
+keeps its one copy in weights/, which editable installs read directly."""
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+MANIFEST = Path('weights') / 'manifest.json'
+
+
+class BuildPyWithManifest(build_py):
+    def run(self) -> None:
+        super().run()
+        self.copy_file(str(MANIFEST), str(Path(self.build_lib) / 'ptl_timm' / '_manifest.json'))
+
+
+setup(cmdclass={'build_py': BuildPyWithManifest})

@@ -13,7 +13,8 @@ set (``ptl_timm.data.few_shot_split``). Variants, all with the same data order, 
 Ablations (``--ablate``): cell ``width_mult`` and the learning-rate multiplier of the non-backbone
 parameters; ``--ablate-cell-norm``: the other ``cell_norm`` head. Defaults are chosen on validation accuracy
 (``--report`` prints both). Every PTL run also scores its trained model again with the cells' output and with
-the latent state replaced by zeros: what the cells contribute at inference.
+the latent state replaced by zeros: what the cells contribute at inference; and measures how much the pooled
+backbone and cell features (and their shares of the logits) vary across test images, before and after training.
 
 Results go to benchmarks/results/transfer.json (one record per run, written as runs finish; a rerun skips
 finished runs), transfer.md and transfer.png. Examples::
@@ -167,6 +168,9 @@ def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.
     xs = {k: to_tensor(images[getattr(split, k)], run['img_size'], mean, std) for k in ('train', 'val', 'test')}
     ys = {k: torch.from_numpy(labels[getattr(split, k)]) for k in ('train', 'val', 'test')}
 
+    # the same measure before training (eval mode writes no state and draws no random numbers)
+    init_scale = ({f'init_{k}': v for k, v in cell_feature_scale(model, xs['test']).items()}
+                  if run['variant'] in PTL_VARIANTS else {})
     n, bs = len(ys['train']), run['batch_size']
     steps = max(run['min_steps'], run['epochs'] * math.ceil(n / bs))
     opt = torch.optim.AdamW(groups, weight_decay=run['weight_decay'])
@@ -186,11 +190,27 @@ def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.
         opt.step()
         sched.step()
     t_train = time.time() - t0
-    result = dict(run, core=core_hash(), steps=steps, final_loss=loss.item(),
+    result = dict(run, **init_scale, core=core_hash(), steps=steps, final_loss=loss.item(),
                   val_acc=accuracy(model, xs['val'], ys['val']), test_acc=accuracy(model, xs['test'], ys['test']))
     if run['variant'] in PTL_VARIANTS:
         result.update(probe_trained_cells(model, xs, ys))
     return dict(result, train_seconds=round(t_train, 1), seconds=round(time.time() - t0, 1))
+
+
+@torch.no_grad()
+def cell_feature_scale(model: nn.Module, x: torch.Tensor, batch: int = 250) -> Dict[str, float]:
+    """How much the pooled features the classifier sees vary across the images ``x``, backbone part vs cell
+    part (std over images, mean over feature dimensions), and the std over images of each part's share of
+    the logits (``fc`` split by columns; mean over classes). Eval mode: nothing is written."""
+    model.eval()
+    pooled = torch.cat([model.forward_head(model.forward_features(x[i:i + batch]), pre_logits=True)
+                        for i in range(0, len(x), batch)])
+    split = pooled.shape[1] - model.cell_widths[-1]
+    out = {}
+    for part, cols in (('backbone', slice(None, split)), ('cells', slice(split, None))):
+        out[f'feat_std_{part}'] = pooled[:, cols].std(0).mean().item()
+        out[f'logit_std_{part}'] = (pooled[:, cols] @ model.fc.weight[:, cols].T).std(0).mean().item()
+    return out
 
 
 def probe_trained_cells(model: nn.Module, xs: Dict[str, torch.Tensor], ys: Dict[str, torch.Tensor]) -> Dict[str, float]:
@@ -199,6 +219,7 @@ def probe_trained_cells(model: nn.Module, xs: Dict[str, torch.Tensor], ys: Dict[
     from ptl_timm import reset_state
 
     out = {f'{k}_acc_no_cells': accuracy(CellsRemoved(model), xs[k], ys[k]) for k in ('val', 'test')}
+    out.update({f'trained_{k}': v for k, v in cell_feature_scale(model, xs['test']).items()})
     if model.state_mode != 'reset':  # a 'reset' state is always zero
         reset_state(model)
         out.update({f'{k}_acc_zero_state': accuracy(model, xs[k], ys[k]) for k in ('val', 'test')})
@@ -403,6 +424,32 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             lines.append(f'| {model} | {task} | {shots} | {variant} | {len(sel)} | '
                          f'{np.mean([r["test_acc"] for r in sel]):.2f} | {_fmt_ci(no_cells)} | '
                          f'{_fmt_ci(zero) if zero else "-"} |')
+        lines.append('')
+
+    scaled = [r for r in main if 'trained_feat_std_cells' in r]
+    if scaled:
+        lines += [
+            '### How much the classifier\'s inputs vary across test images', '',
+            'Std over the test images of the pooled features the classifier sees (mean over feature dimensions), '
+            'backbone part and cell part, for the freshly built model (init) and the trained one; and the std over '
+            'the test images of each part\'s share of the trained logits (mean over classes). Means over seeds.',
+            '',
+            '| model | task | shots/class | variant | seeds | backbone features init / trained | '
+            'cell features init / trained | ratio trained | backbone logits | cell logits |',
+            '|---|---|---|---|---|---|---|---|---|---|',
+        ]
+        for (model, task, shots), variant in itertools.product(cells, PTL_VARIANTS):
+            sel = [r for r in scaled
+                   if (r['model'], r['task'], r['shots'], r['variant']) == (model, task, shots, variant)]
+            if not sel:
+                continue
+            m = {k: np.mean([r[k] for r in sel]) for k in sel[0] if k.startswith(('init_', 'trained_'))}
+            ratio = np.mean([r['trained_feat_std_backbone'] / r['trained_feat_std_cells'] for r in sel])
+            lines.append(
+                f'| {model} | {task} | {shots} | {variant} | {len(sel)} | '
+                f'{m["init_feat_std_backbone"]:.3f} / {m["trained_feat_std_backbone"]:.3f} | '
+                f'{m["init_feat_std_cells"]:.4f} / {m["trained_feat_std_cells"]:.4f} | {ratio:.0f}x | '
+                f'{m["trained_logit_std_backbone"]:.3f} | {m["trained_logit_std_cells"]:.4f} |')
         lines.append('')
 
     val_lines = ['### Validation accuracy of the main variants (what defaults are chosen on)', '',

@@ -191,8 +191,9 @@ class PTLNet(nn.Module):
         self.backbone_features = self.backbone.num_features
         self.num_features = self.backbone_features + self.cell_widths[-1]
         self.global_pool = global_pool
-        # Unnormalised, the pooled cell features of a fresh branch vary ~30x less across images than the
-        # backbone's and the classifier learns to ignore them; the paper's MGN head has a BN after the join.
+        # Unnormalised, the pooled cell features vary 10 to 70x less across images than the backbone's (before
+        # and after fine-tuning, benchmarks/results/cell_scale.md) and the classifier ignores them; the paper's
+        # MGN head has a BN after the join. Optional: it measured worse on validation (README, Benchmarks).
         self.cell_norm = nn.BatchNorm2d(self.cell_widths[-1]) if cell_norm else nn.Identity()
         self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head_hidden_size = self._pooled_width()

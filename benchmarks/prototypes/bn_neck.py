@@ -1,7 +1,7 @@
 """Prototype: BatchNorm1d on the pooled [backbone, cells] features before the classifier (the "BNNeck" of
-ReID practice). Measured: the pooled cell features vary ~27x less across images than the backbone's, so the
-classifier's gradient on their weights is as much smaller and the trained model ignores them. Normalising
-each pooled feature puts both on one scale. The head changes, so the control gets the same head
+ReID practice). Measured (benchmarks/results/cell_scale.md): the pooled cell features vary 14 to 28 times less
+across images than the backbone's and the trained classifier ignores them. Normalising each pooled feature puts
+both on one scale. The head changes, so the control gets the same head
 (``--variants shared,control``) and the cells are judged against that.
 
     python benchmarks/prototypes/bn_neck.py --variants shared,control   # -> results/prototypes/bn_neck.{json,md}

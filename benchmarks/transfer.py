@@ -326,6 +326,14 @@ def _by_seed(runs: List[Dict[str, Any]], metric: str) -> Dict[int, float]:
     return {r['seed']: r[metric] for r in runs}
 
 
+def _by_ptl_cell(runs: List[Dict[str, Any]], cells: List[Tuple]) -> Iterator[Tuple[Tuple, List[Dict[str, Any]]]]:
+    """((model, task, shots, variant), runs) of every table cell and PTL variant that has runs."""
+    for (model, task, shots), variant in itertools.product(cells, PTL_VARIANTS):
+        sel = [r for r in runs if (r['model'], r['task'], r['shots'], r['variant']) == (model, task, shots, variant)]
+        if sel:
+            yield (model, task, shots, variant), sel
+
+
 def report(data: Dict[str, Any], stem: Path) -> str:
     """Markdown tables (main comparison and ablations, test and validation) and a plot of paired gains."""
     runs = [r for r in data['runs'] if 'error' not in r]
@@ -414,11 +422,7 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             '| model | task | shots/class | variant | seeds | test | minus no cells | minus zero state |',
             '|---|---|---|---|---|---|---|---|',
         ]
-        for (model, task, shots), variant in itertools.product(cells, PTL_VARIANTS):
-            sel = [r for r in probed
-                   if (r['model'], r['task'], r['shots'], r['variant']) == (model, task, shots, variant)]
-            if not sel:
-                continue
+        for (model, task, shots, variant), sel in _by_ptl_cell(probed, cells):
             no_cells = [r['test_acc'] - r['test_acc_no_cells'] for r in sel]
             zero = [r['test_acc'] - r['test_acc_zero_state'] for r in sel if 'test_acc_zero_state' in r]
             lines.append(f'| {model} | {task} | {shots} | {variant} | {len(sel)} | '
@@ -438,11 +442,7 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             'cell features init / trained | ratio trained | backbone logits | cell logits |',
             '|---|---|---|---|---|---|---|---|---|---|',
         ]
-        for (model, task, shots), variant in itertools.product(cells, PTL_VARIANTS):
-            sel = [r for r in scaled
-                   if (r['model'], r['task'], r['shots'], r['variant']) == (model, task, shots, variant)]
-            if not sel:
-                continue
+        for (model, task, shots, variant), sel in _by_ptl_cell(scaled, cells):
             m = {k: np.mean([r[k] for r in sel]) for k in sel[0] if k.startswith(('init_', 'trained_'))}
             ratio = np.mean([r['trained_feat_std_backbone'] / r['trained_feat_std_cells'] for r in sel])
             lines.append(

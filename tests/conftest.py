@@ -1,6 +1,7 @@
-"""Shared test settings."""
+"""Shared test settings and fixtures."""
 import pytest
 import torch
+from huggingface_hub import constants as hf_constants
 
 
 @pytest.fixture(autouse=True, scope='session')
@@ -11,3 +12,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty Hub cache, offline mode on; huggingface_hub read both at import time, so patch its constants."""
+    cache = tmp_path / 'hf' / 'hub'
+    cache.mkdir(parents=True)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    return cache

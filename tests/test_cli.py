@@ -110,12 +110,10 @@ def in_process(capsys, *args):
     return status, err
 
 
-def test_errors_are_one_line_with_exit_status_2(checkpoint, export_folder, tmp_path, capsys, monkeypatch):
-    cache = tmp_path / 'hub'
-    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+def test_errors_are_one_line_with_exit_status_2(checkpoint, export_folder, offline_cache, tmp_path, capsys,
+                                               monkeypatch):
     status, err = in_process(capsys, 'info', 'hf-hub:someone/not-cached')
-    assert status == 2 and 'someone/not-cached' in err and str(cache) in err and 'HF_HUB_OFFLINE' in err
+    assert status == 2 and 'someone/not-cached' in err and str(offline_cache) in err and 'HF_HUB_OFFLINE' in err
     status, err = in_process(capsys, 'export', tmp_path / 'missing.pth.tar', tmp_path / 'o')
     assert status == 2 and 'missing.pth.tar' in err
     truncated = tmp_path / 'truncated.pth.tar'

@@ -11,7 +11,6 @@ import pytest
 import timm
 import torch
 from helpers import animal_batch, train_and_save
-from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir
 from safetensors.torch import load_file, save_file
 from timm.models import get_pretrained_cfg
@@ -42,19 +41,6 @@ def place_in_hf_cache(folder: Path, repo_id: str, cache: Path) -> Path:
     (repo / 'refs').mkdir()
     (repo / 'refs' / 'main').write_text(commit)
     return repo
-
-
-@pytest.fixture
-def offline_cache(tmp_path, monkeypatch):
-    """An empty Hub cache, offline mode on; huggingface_hub read both at import time, so patch its constants."""
-    cache = tmp_path / 'hf' / 'hub'
-    cache.mkdir(parents=True)
-    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
-    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(cache))
-    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
-    return cache
 
 
 @pytest.fixture(scope='module')

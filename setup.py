@@ -12,7 +12,11 @@ MANIFEST = Path('weights') / 'manifest.json'
 class BuildPyWithManifest(build_py):
     def run(self) -> None:
         super().run()
-        self.copy_file(str(MANIFEST), str(Path(self.build_lib) / 'ptl_timm' / '_manifest.json'))
+        if self.editable_mode:  # an editable install reads weights/manifest.json from the checkout
+            return
+        target = Path(self.build_lib) / 'ptl_timm' / '_manifest.json'
+        self.mkpath(str(target.parent))
+        self.copy_file(str(MANIFEST), str(target))
 
 
 setup(cmdclass={'build_py': BuildPyWithManifest})

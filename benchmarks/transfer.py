@@ -319,6 +319,8 @@ def _fmt_ci(values: List[float]) -> str:
 
 def _fmt_avg(groups: List[List[float]]) -> str:
     mean, lo, hi = mean_of_means_ci95(groups)
+    if math.isnan(mean):  # every cell has a single seed (e.g. --quick): no standard error to average with
+        return 'n/a (needs 2 seeds per cell)'
     return f'{mean:+.2f}' if math.isnan(lo) else f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]'
 
 

@@ -40,18 +40,19 @@ from .bconv_cell import bconv_cells
 from .ptl_net import PTLNet
 
 __all__ = [
-    'HubError', 'MANIFEST_PATH', 'WEIGHTS_NAME', 'STATUSES', 'file_sha256', 'ptl_model_args', 'save_pretrained',
-    'read_checkpoint', 'model_from_checkpoint', 'export_checkpoint', 'load_model', 'check_export_folder',
-    'push_folder', 'load_manifest', 'manifest_pretrained_cfgs', 'tag_model_args', 'model_card', 'manifest_table',
-    'render_zoo', 'write_zoo',
+    'HubError', 'MANIFEST_PATH', 'REPO_MANIFEST_PATH', 'WEIGHTS_NAME', 'STATUSES', 'file_sha256', 'ptl_model_args',
+    'save_pretrained', 'read_checkpoint', 'model_from_checkpoint', 'export_checkpoint', 'load_model',
+    'check_export_folder', 'push_folder', 'load_manifest', 'manifest_pretrained_cfgs', 'tag_model_args',
+    'model_card', 'manifest_table', 'render_zoo', 'write_zoo',
 ]
 
 _logger = logging.getLogger(__name__)
 
-# a built package carries its copy (setup.py); a checkout or editable install reads the repository's weights/
+# The repository's manifest (weights/ beside the package: a checkout or an editable install) is the one that is
+# edited and renders the model cards; a built package reads the copy setup.py put inside it.
+REPO_MANIFEST_PATH = Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json'
 _PACKAGED_MANIFEST = Path(__file__).resolve().parent / '_manifest.json'
-MANIFEST_PATH = (_PACKAGED_MANIFEST if _PACKAGED_MANIFEST.is_file()
-                 else Path(__file__).resolve().parent.parent / 'weights' / 'manifest.json')
+MANIFEST_PATH = _PACKAGED_MANIFEST if _PACKAGED_MANIFEST.is_file() else REPO_MANIFEST_PATH
 WEIGHTS_NAME = 'model.safetensors'
 STATUSES = ('published', 'not yet published')
 _ENTRY_KEYS = ('name', 'hf_hub_id', 'status', 'task', 'data', 'backbone_weights', 'licence', 'recipe', 'command',
@@ -590,8 +591,9 @@ def manifest_table(path: Optional[Union[str, Path]] = None) -> str:
 
 
 def render_zoo(path: Optional[Union[str, Path]] = None) -> Dict[Path, str]:
-    """{file: text} of every ``weights/<name>/config.json`` and ``README.md``, rendered from the manifest."""
-    path = Path(path) if path is not None else MANIFEST_PATH
+    """{file: text} of every ``weights/<name>/config.json`` and ``README.md``, rendered from the manifest
+    (default: the repository's; an installed package's copy is never written beside)."""
+    path = Path(path) if path is not None else REPO_MANIFEST_PATH
     files = {}
     for name, entry in load_manifest(path).items():
         folder = path.parent / name

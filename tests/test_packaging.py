@@ -9,7 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = '''import json, timm, ptl_timm
 from ptl_timm import hub
-print(json.dumps(dict(package=ptl_timm.__file__, manifest=str(hub.MANIFEST_PATH),
+try:  # model cards belong to the repository's weights/, never beside the package's copy
+    zoo = [str(f) for f in hub.write_zoo()]
+except FileNotFoundError as e:
+    zoo = str(e)
+print(json.dumps(dict(package=ptl_timm.__file__, manifest=str(hub.MANIFEST_PATH), zoo=zoo,
                       tags=sorted(n for n in hub.load_manifest() if timm.models.get_pretrained_cfg(n)))))
 '''
 
@@ -35,6 +39,8 @@ def test_built_package_ships_the_manifest_and_registers_its_tags(tmp_path):
     seen = _import_from(build_lib, tmp_path)  # not the checkout: it has no weights/ beside it
     assert Path(seen['package']).parent == build_lib / 'ptl_timm'
     assert Path(seen['manifest']) == packaged and seen['tags'] == sorted(names)
+    assert seen['zoo'] == f'No weights manifest at {build_lib / "weights" / "manifest.json"}.'
+    assert not any((packaged.parent / name).exists() for name in names)
 
     packaged.unlink()  # what a wheel gave before it carried the manifest: no full-PTL tags
     assert _import_from(build_lib, tmp_path)['tags'] == []

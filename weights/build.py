@@ -34,7 +34,14 @@ from timm.utils import CheckpointSaver
 import ptl_timm  # noqa: F401  registers the ptl_* models
 from ptl_timm.cli import replace_manifest_table
 from ptl_timm.data import few_shot_split, load_animal_mnist
-from ptl_timm.hub import MANIFEST_PATH, WEIGHTS_NAME, load_manifest, manifest_table, save_pretrained, write_zoo
+from ptl_timm.hub import (
+    REPO_MANIFEST_PATH,
+    WEIGHTS_NAME,
+    load_manifest,
+    manifest_table,
+    save_pretrained,
+    write_zoo,
+)
 from ptl_timm.offline_weights import create_offline_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,13 +77,13 @@ def train_args(arch: str, num_classes: int, recipe: dict, mean, std) -> argparse
 
 def update_manifest(name: str, **changes) -> None:
     """Write ``changes`` into the manifest entry, then re-render the cards and the README tables."""
-    manifest = json.loads(MANIFEST_PATH.read_text())
+    manifest = json.loads(REPO_MANIFEST_PATH.read_text())
     for e in manifest['checkpoints']:
         if e['name'] == name:
             e.update(changes)
-    tmp_path = MANIFEST_PATH.with_suffix('.tmp')
+    tmp_path = REPO_MANIFEST_PATH.with_suffix('.tmp')
     tmp_path.write_text(json.dumps(manifest, indent=2) + '\n')
-    os.replace(tmp_path, MANIFEST_PATH)
+    os.replace(tmp_path, REPO_MANIFEST_PATH)
     write_zoo()
     replace_manifest_table(REPO_ROOT / 'README.md', manifest_table())
 
@@ -154,7 +161,7 @@ def build(name: str, out: Path, update: bool) -> dict:
     if update:
         update_manifest(name, results=results, files=files, config=json.loads((out / 'config.json').read_text()))
         # the folder push uploads carries the zoo card (task, data, results), not the generic export card
-        (out / 'README.md').write_text((MANIFEST_PATH.parent / name / 'README.md').read_text())
+        (out / 'README.md').write_text((REPO_MANIFEST_PATH.parent / name / 'README.md').read_text())
     return dict(results=results, files=files)
 
 

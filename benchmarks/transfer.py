@@ -161,10 +161,10 @@ def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.
     val_n, test_n = split_counts(run['task'])
     split = few_shot_split(labels, run['shots'], run['seed'], val_n, test_n, test_pool=test_pool)
     model, groups = build(run, num_classes)
+    built = model.ptl if isinstance(model, CellsRemoved) else model  # the timm model inside the control
     if modify is not None:
-        groups[1]['params'] += modify(model.ptl if isinstance(model, CellsRemoved) else model)
-    cfg = (model.ptl if isinstance(model, CellsRemoved) else model).pretrained_cfg
-    mean, std = cfg['mean'], cfg['std']
+        groups[1]['params'] += modify(built)
+    mean, std = built.pretrained_cfg['mean'], built.pretrained_cfg['std']
     xs = {k: to_tensor(images[getattr(split, k)], run['img_size'], mean, std) for k in ('train', 'val', 'test')}
     ys = {k: torch.from_numpy(labels[getattr(split, k)]) for k in ('train', 'val', 'test')}
 
@@ -336,6 +336,12 @@ def _by_ptl_cell(runs: List[Dict[str, Any]], cells: List[Tuple]) -> Iterator[Tup
             yield (model, task, shots, variant), sel
 
 
+def _table_head(title: str, intro: Optional[str], columns: List[str]) -> List[str]:
+    """A report section's first lines: heading, an optional paragraph, the table's header row and rule."""
+    return ([f'### {title}', ''] + ([intro, ''] if intro else []) +
+            ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)])
+
+
 def report(data: Dict[str, Any], stem: Path) -> str:
     """Markdown tables (main comparison and ablations, test and validation) and a plot of paired gains."""
     runs = [r for r in data['runs'] if 'error' not in r]
@@ -343,14 +349,12 @@ def report(data: Dict[str, Any], stem: Path) -> str:
     main = [r for r in runs if is_main(r)]
     cells = sorted({(r['model'], r['task'], r['shots']) for r in main})
     env = data.get('environment', {})
-    lines = [
-        '### Transfer accuracy (%, mean +- std over seeds; paired differences with 95 % t-interval)', '',
+    lines = _table_head(
+        'Transfer accuracy (%, mean +- std over seeds; paired differences with 95 % t-interval)',
         f'Fixed held-out test set; {len(runs)} runs; torch {env.get("torch")}, timm {env.get("timm")}, '
-        f'{env.get("cpu")}, {env.get("workers")} processes x 1 thread.', '',
-        '| model | task | shots/class | seeds | plain | control | shared | carried | reset | '
-        'shared - control | carried - control | reset - control | shared - plain |',
-        '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
-    ]
+        f'{env.get("cpu")}, {env.get("workers")} processes x 1 thread.',
+        ['model', 'task', 'shots/class', 'seeds', *VARIANTS,
+         'shared - control', 'carried - control', 'reset - control', 'shared - plain'])
     gains: Dict[Tuple[str, str], List[List[float]]] = {
         pair: [] for pair in (('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'plain'))}
     plot_rows = []
@@ -379,15 +383,14 @@ def report(data: Dict[str, Any], stem: Path) -> str:
     abl = [r for r in runs if r['variant'] in ('shared', 'control')]
     settings = sorted({setting(r) for r in abl if r['variant'] == 'shared'})
     if len(settings) > 1:
-        lines += [
-            '### Ablations: cell width, learning-rate multiplier of the new layers, cell_norm (shared state)', '',
+        lines += _table_head(
+            'Ablations: cell width, learning-rate multiplier of the new layers, cell_norm (shared state)',
             'Validation accuracy chooses defaults; test accuracy shown for reference only. Gain = paired '
             'difference vs the control at the same lr multiplier; vs default = paired difference vs the shared model '
-            'at the package defaults, same seeds.', '',
-            '| model | task | shots/class | width_mult | lr_mult | cell_norm | seeds | val control | val shared | '
-            'val gain vs control | val vs default | test control | test shared | test gain vs control |',
-            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
-        ]
+            'at the package defaults, same seeds.',
+            ['model', 'task', 'shots/class', 'width_mult', 'lr_mult', 'cell_norm', 'seeds', 'val control',
+             'val shared', 'val gain vs control', 'val vs default', 'test control', 'test shared',
+             'test gain vs control'])
         ablated = sorted({(r['model'], r['task'], r['shots']) for r in abl
                           if r['variant'] == 'shared' and setting(r) != DEFAULT_SETTING})
         defaults = {cell: _by_seed([r for r in main if (r['model'], r['task'], r['shots'], r['variant']) ==
@@ -416,14 +419,11 @@ def report(data: Dict[str, Any], stem: Path) -> str:
 
     probed = [r for r in main if 'test_acc_no_cells' in r]
     if probed:
-        lines += [
-            '### What the trained cells contribute (the same trained model, scored again)', '',
+        lines += _table_head(
+            'What the trained cells contribute (the same trained model, scored again)',
             'Test accuracy of each trained PTL model minus its accuracy with the cells\' output replaced by zeros '
             '(no cells) and with the learned latent state replaced by zeros (zero state); mean [95 % CI] over seeds.',
-            '',
-            '| model | task | shots/class | variant | seeds | test | minus no cells | minus zero state |',
-            '|---|---|---|---|---|---|---|---|',
-        ]
+            ['model', 'task', 'shots/class', 'variant', 'seeds', 'test', 'minus no cells', 'minus zero state'])
         for (model, task, shots, variant), sel in _by_ptl_cell(probed, cells):
             no_cells = [r['test_acc'] - r['test_acc_no_cells'] for r in sel]
             zero = [r['test_acc'] - r['test_acc_zero_state'] for r in sel if 'test_acc_zero_state' in r]
@@ -434,16 +434,13 @@ def report(data: Dict[str, Any], stem: Path) -> str:
 
     scaled = [r for r in main if 'trained_feat_std_cells' in r]
     if scaled:
-        lines += [
-            '### How much the classifier\'s inputs vary across test images', '',
+        lines += _table_head(
+            'How much the classifier\'s inputs vary across test images',
             'Std over the test images of the pooled features the classifier sees (mean over feature dimensions), '
             'backbone part and cell part, for the freshly built model (init) and the trained one; and the std over '
             'the test images of each part\'s share of the trained logits (mean over classes). Means over seeds.',
-            '',
-            '| model | task | shots/class | variant | seeds | backbone features init / trained | '
-            'cell features init / trained | ratio trained | backbone logits | cell logits |',
-            '|---|---|---|---|---|---|---|---|---|---|',
-        ]
+            ['model', 'task', 'shots/class', 'variant', 'seeds', 'backbone features init / trained',
+             'cell features init / trained', 'ratio trained', 'backbone logits', 'cell logits'])
         for (model, task, shots, variant), sel in _by_ptl_cell(scaled, cells):
             m = {k: np.mean([r[k] for r in sel]) for k in sel[0] if k.startswith(('init_', 'trained_'))}
             ratio = np.mean([r['trained_feat_std_backbone'] / r['trained_feat_std_cells'] for r in sel])
@@ -454,16 +451,15 @@ def report(data: Dict[str, Any], stem: Path) -> str:
                 f'{m["trained_logit_std_backbone"]:.3f} | {m["trained_logit_std_cells"]:.4f} |')
         lines.append('')
 
-    val_lines = ['### Validation accuracy of the main variants (what defaults are chosen on)', '',
-                 '| model | task | shots/class | ' + ' | '.join(VARIANTS) + ' |', '|---|---|---|' + '---|' * 5]
+    val_lines = _table_head('Validation accuracy of the main variants (what defaults are chosen on)', None,
+                            ['model', 'task', 'shots/class', *VARIANTS])
     val_pairs = [(v, 'control') for v in PTL_VARIANTS] + [('shared', 'reset'), ('shared', 'carried')]
     val_gains: Dict[Tuple[str, str], List[List[float]]] = {pair: [] for pair in val_pairs}
     for model, task, shots in cells:
         sel = [r for r in main if (r['model'], r['task'], r['shots']) == (model, task, shots)]
-        vals = [[r['val_acc'] for r in sel if r['variant'] == v] for v in VARIANTS]
-        val_lines.append(f'| {model} | {task} | {shots} | ' + ' | '.join(
-            f'{np.mean(v):.2f}' if v else '-' for v in vals) + ' |')
         by_variant = {v: _by_seed([r for r in sel if r['variant'] == v], 'val_acc') for v in VARIANTS}
+        val_lines.append(f'| {model} | {task} | {shots} | ' + ' | '.join(
+            f'{np.mean(list(a.values())):.2f}' if a else '-' for a in by_variant.values()) + ' |')
         for v, ref in val_pairs:
             paired = [acc - by_variant[ref][seed] for seed, acc in by_variant[v].items() if seed in by_variant[ref]]
             if paired:

@@ -438,8 +438,8 @@ def _entry_sha(entry: Dict[str, Any]) -> Optional[str]:
 
 
 def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Dict[str, Any]]:
-    """Entries of ``weights/manifest.json`` by registered name, validated. A missing default manifest
-    (package installed without the repository's weights/ folder) gives no entries."""
+    """Entries of the weights manifest (default :data:`MANIFEST_PATH`) by registered name, validated. A missing
+    default manifest (a package built without setup.py's copy, outside a checkout) gives no entries."""
     path = Path(path) if path is not None else MANIFEST_PATH
     if not path.is_file():
         if path == MANIFEST_PATH:

@@ -89,7 +89,11 @@ def offline_weights_file(architecture: str, cache_dir: Optional[Union[str, Path]
     if path.is_file() and path.stat().st_mtime >= source_path.stat().st_mtime:
         return path
     source = torch.load(source_path, map_location='cpu', weights_only=True)
-    state_dict = convert_by_position(source, timm.create_model(architecture, pretrained=False))
+    # building the template initialises weights: keep the caller's RNG as it was, so a cold cache and a
+    # warm one give the same models after the caller's torch.manual_seed
+    with torch.random.fork_rng(devices=[]):
+        template = timm.create_model(architecture, pretrained=False)
+    state_dict = convert_by_position(source, template)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f'.{os.getpid()}.tmp')  # atomic: concurrent processes may convert at once
     save_file(state_dict, str(tmp), metadata=dict(source=f'{spec.package}/{spec.relative}'))

@@ -1,23 +1,29 @@
 """Real labelled images that install offline from package registries (see README, "Offline data")."""
 import dataclasses
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
 import pickle
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = [
     'package_file', 'load_animal_mnist', 'load_fashion_mnist', 'load_emoji', 'FewShotSplit', 'few_shot_split',
-    'FASHION_MNIST_DIR', 'EMOJI_NPM_PACKAGE',
+    'FASHION_MNIST_DIR', 'EMOJI_NPM_PACKAGE', 'EMOJI_VENDORS', 'EmojiReID', 'load_emoji_reid', 'IdentitySplit',
+    'identity_split',
 ]
 
 # Debian's dataset-fashion-mnist installs the original idx files here.
 FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
 EMOJI_NPM_PACKAGE = 'emoji-datasource-google@16.0.0'
+EMOJI_VERSION = '16.0.0'
+EMOJI_VENDORS = ('apple', 'google', 'twitter', 'facebook')
+# Fitzpatrick skin-tone modifiers: an emoji and its tones are one identity (one person, other clothes)
+_SKIN_TONES = frozenset(('1f3fb', '1f3fc', '1f3fd', '1f3fe', '1f3ff'))
 
 
 def package_file(package: str, relative: str, install: str) -> Path:
@@ -189,3 +195,128 @@ def few_shot_split(
         val.append(val_idx)
         train.append(train_rng.choice(rest, size=min(train_per_class, len(rest)), replace=False))
     return FewShotSplit(*(np.sort(np.concatenate(part)) for part in (train, val, test)))
+
+
+@dataclasses.dataclass(frozen=True)
+class EmojiReID:
+    """Emoji drawn by several vendors as a re-identification set: identity = emoji, camera = vendor.
+
+    Attributes:
+        images: uint8 (N, size, size, 3), composited on ``background``.
+        pids: int64 (N,) identity index into ``identities``.
+        camids: int64 (N,) vendor index into ``vendors``.
+        names: (N,) file stem of every image (the code points, tones included).
+        identities: identity keys: code points without skin-tone modifiers.
+        vendors: the vendors, in ``camids`` order.
+    """
+    images: np.ndarray
+    pids: np.ndarray
+    camids: np.ndarray
+    names: Tuple[str, ...]
+    identities: Tuple[str, ...]
+    vendors: Tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+
+def emoji_install_command(vendors: Sequence[str] = EMOJI_VENDORS) -> str:
+    return ('npm install --prefix ~/.cache/ptl_timm/npm ' +
+            ' '.join(f'emoji-datasource-{v}@{EMOJI_VERSION}' for v in vendors))
+
+
+def _npm_modules(root: Optional[Path]) -> Path:
+    if root is not None:
+        return Path(root)
+    env = os.environ.get('PTL_TIMM_NPM_MODULES')
+    return Path(env) if env else Path.home() / '.cache' / 'ptl_timm' / 'npm' / 'node_modules'
+
+
+def _identity_key(stem: str) -> str:
+    return '-'.join(p for p in stem.split('-') if p not in _SKIN_TONES)
+
+
+def load_emoji_reid(
+        size: int = 64,
+        root: Optional[Path] = None,
+        vendors: Sequence[str] = EMOJI_VENDORS,
+        background: Tuple[int, int, int] = (255, 255, 255),
+        cache_dir: Optional[Path] = None,
+) -> EmojiReID:
+    """Emoji of four vendors (npm ``emoji-datasource-<vendor>@16.0.0``) as a many-identity ReID set.
+
+    Every emoji drawn by all ``vendors`` is kept; its identity is its code point sequence without the
+    skin-tone modifiers 1f3fb..1f3ff. With the four vendors: 14,568 images of 1,876 identities (1,564
+    with one image per vendor, the rest with 5 to 26 tone variants per vendor).
+
+    ``root`` (or $PTL_TIMM_NPM_MODULES) is the ``node_modules`` folder holding the packages; the default is
+    where ``npm install --prefix ~/.cache/ptl_timm/npm ...`` puts them. The decoded arrays are cached once
+    in ``cache_dir`` (default $PTL_TIMM_CACHE or ~/.cache/ptl_timm) as a compressed ``.npz`` keyed by the
+    file list, size and background, so later loads take about a second.
+    """
+    from PIL import Image  # a dependency of the package; imported here to keep `import ptl_timm.data` light
+
+    vendors = tuple(vendors)
+    if len(vendors) < 2 or len(set(vendors)) != len(vendors):
+        raise ValueError(f'Need at least two distinct vendors (cameras), got {vendors}.')
+    root = _npm_modules(root)
+    dirs = {v: root / f'emoji-datasource-{v}' / 'img' / v / '64' for v in vendors}
+    missing = [v for v, d in dirs.items() if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f'The emoji images of {", ".join(missing)} are missing under {root}; install them with: '
+            f'{emoji_install_command(vendors)} (or point PTL_TIMM_NPM_MODULES at a node_modules folder holding them).')
+    files = {v: {p.stem for p in d.glob('*.png')} for v, d in dirs.items()}
+    stems = sorted(set.intersection(*files.values()))
+    if not stems:
+        raise ValueError(f'No emoji is drawn by all of {vendors} under {root}.')
+    key = hashlib.sha1(json.dumps([vendors, stems, size, list(background)]).encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir) if cache_dir is not None else \
+        Path(os.environ.get('PTL_TIMM_CACHE', Path.home() / '.cache' / 'ptl_timm'))
+    cache = cache_dir / f'emoji_reid_{size}px_{key}.npz'
+    identities = tuple(sorted({_identity_key(s) for s in stems}))
+    pid_of = {k: i for i, k in enumerate(identities)}
+    names = tuple(s for _ in vendors for s in stems)
+    pids = np.array([pid_of[_identity_key(s)] for s in names], dtype=np.int64)
+    camids = np.repeat(np.arange(len(vendors), dtype=np.int64), len(stems))
+    if cache.is_file():
+        with np.load(cache) as z:
+            images = z['images']
+    else:
+        images = np.empty((len(names), size, size, 3), dtype=np.uint8)
+        fill = Image.new('RGBA', (size, size), (*background, 255))
+        for i, (cam, stem) in enumerate(zip(camids, names)):
+            with Image.open(dirs[vendors[cam]] / f'{stem}.png') as im:
+                rgba = im.convert('RGBA')
+            if rgba.size != (size, size):
+                rgba = rgba.resize((size, size), Image.BILINEAR)
+            images[i] = np.asarray(Image.alpha_composite(fill, rgba).convert('RGB'))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f'{cache.stem}.{os.getpid()}.tmp.npz')  # atomic: parallel loaders may race
+        np.savez_compressed(tmp, images=images)
+        os.replace(tmp, cache)
+    return EmojiReID(images, pids, camids, names, identities, vendors)
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentitySplit:
+    """Disjoint identity sets (sorted arrays of pids): ``train``, ``val`` (taken from the training half) and
+    ``test`` (never used for any decision)."""
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def identity_split(num_identities: int, test_fraction: float = 0.5, val_fraction: float = 0.2,
+                   seed: int = 0) -> IdentitySplit:
+    """Split identities ``0..num_identities-1``: ``test_fraction`` of them for test, then ``val_fraction``
+    of the rest for validation; the remainder trains. Depends on ``seed`` only (fix it across runs)."""
+    if not (0 < test_fraction < 1 and 0 <= val_fraction < 1):
+        raise ValueError(f'Need 0 < test_fraction < 1 and 0 <= val_fraction < 1, got {test_fraction}, {val_fraction}.')
+    perm = np.random.default_rng(seed).permutation(num_identities)
+    n_test = int(round(num_identities * test_fraction))
+    n_val = int(round((num_identities - n_test) * val_fraction))
+    if min(n_test, num_identities - n_test - n_val) < 2:
+        raise ValueError(f'{num_identities} identities are too few for this split.')
+    test, val, train = perm[:n_test], perm[n_test:n_test + n_val], perm[n_test + n_val:]
+    return IdentitySplit(np.sort(train), np.sort(val), np.sort(test))

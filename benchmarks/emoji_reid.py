@@ -39,6 +39,9 @@ import json
 import math
 import sys
 import time
+import types
+from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -57,11 +60,19 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One way of training the ReID model."""
+    """One way of training the ReID model.
+
+    ``memory``: ``'xbm'`` adds XBM's triplet term against a FIFO memory of past embeddings;
+    ``'identity'`` adds a per-identity memory of embedding centroids and a contrastive loss against
+    all of them (:class:`IdentityMemory`). ``state_momentum``: the shared state is written as a running
+    average (slow dataset-level statistics) instead of the last batch's mean.
+    """
     arch: str
     train: bool = True
     cells_removed: bool = False  # the control
-    xbm: bool = False
+    memory: Optional[str] = None
+    xbm_memory: Optional[int] = None  # None: --xbm-memory
+    state_momentum: Optional[float] = None
     model_kwargs: Tuple[Tuple[str, Any], ...] = ()
 
     @property
@@ -70,15 +81,32 @@ class Variant:
 
 
 PLAIN, PTL = 'reid_mobilenetv2_100', 'reid_ptl_mobilenetv2_100'
+SHARED = (('state_mode', 'shared'),)
 VARIANTS: Dict[str, Variant] = {
     'imagenet': Variant(PLAIN, train=False),
     'plain': Variant(PLAIN),
     'control': Variant(PTL, cells_removed=True),
-    'shared': Variant(PTL, model_kwargs=(('state_mode', 'shared'),)),
+    'shared': Variant(PTL, model_kwargs=SHARED),
     'carried': Variant(PTL, model_kwargs=(('state_mode', 'carried'),)),
     'reset': Variant(PTL, model_kwargs=(('state_mode', 'reset'),)),
-    'xbm': Variant(PLAIN, xbm=True),
+    'xbm': Variant(PLAIN, memory='xbm'),
+    'xbm_4096': Variant(PLAIN, memory='xbm', xbm_memory=4096),  # the peer's own setting, chosen on validation
+    # where else a carried state can act (chosen on validation): slow statistics, memories in the loss
+    'ema': Variant(PTL, model_kwargs=SHARED, state_momentum=0.1),
+    'shared_xbm': Variant(PTL, model_kwargs=SHARED, memory='xbm'),
+    'control_xbm': Variant(PTL, cells_removed=True, memory='xbm'),
+    'shared_idmem': Variant(PTL, model_kwargs=SHARED, memory='identity'),
+    'control_idmem': Variant(PTL, cells_removed=True, memory='identity'),
+    'idmem': Variant(PLAIN, memory='identity'),
 }
+# the paired differences the report shows, where both sides ran
+COMPARISONS = (
+    ('control', 'plain'), ('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'reset'),
+    ('carried', 'reset'), ('xbm', 'plain'), ('shared', 'xbm'), ('carried', 'xbm'), ('reset', 'xbm'),
+    ('ema', 'shared'), ('ema', 'control'), ('shared_xbm', 'control_xbm'), ('shared_xbm', 'xbm'),
+    ('control_xbm', 'control'), ('shared_idmem', 'control_idmem'), ('shared_idmem', 'shared'),
+    ('control_idmem', 'control'), ('idmem', 'plain'), ('shared_idmem', 'xbm'),
+)
 MAIN_VARIANTS = ('imagenet', 'plain', 'control', 'shared', 'carried', 'reset', 'xbm')
 
 
@@ -152,7 +180,59 @@ def build_model(variant: Variant, num_classes: int, args: argparse.Namespace, se
     if variant.cells_removed:
         # the ladder's only way out is its last cell: zero its output and the cells contribute nothing
         model.backbone.cells[-1].register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    if variant.state_momentum is not None:
+        from ptl_timm import bconv_cells
+
+        for cell in bconv_cells(model):
+            cell._write_state = types.MethodType(partial(_running_average_write, momentum=variant.state_momentum),
+                                                 cell)
     return model
+
+
+@torch.no_grad()
+def _running_average_write(cell: nn.Module, c: torch.Tensor, momentum: float) -> None:
+    """Prototype state rule: state <- (1 - momentum) * state + momentum * (the package's write of c)."""
+    from ptl_timm import BConvCell
+
+    old = cell.state.clone()
+    BConvCell._write_state(cell, c)
+    cell.state.copy_(old.lerp(cell.state, momentum))
+
+
+class IdentityMemory(nn.Module):
+    """A memory of one L2-normalised embedding centroid per training identity, and a loss against all of them.
+
+    Each batch is contrasted with every identity's centroid (cross-entropy of cosine similarities / ``temperature``),
+    not only the P identities it holds; then the centroids of the batch's identities move towards the batch's
+    embeddings (``centroid <- normalise(momentum * centroid + (1 - momentum) * batch mean)``). The supervised form
+    of the identity memories of SpCL and Cluster Contrast. Shapes: embeddings (B, D), targets (B,).
+    """
+
+    def __init__(self, centroids: torch.Tensor, momentum: float = 0.2, temperature: float = 0.05):
+        super().__init__()
+        self.register_buffer('centroids', F.normalize(centroids, dim=1))
+        self.momentum = momentum
+        self.temperature = temperature
+
+    def forward(self, embeddings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(embeddings, dim=1)
+        # a copy: the update below writes the buffer in place, and autograd needs the values it multiplied
+        loss = F.cross_entropy(f @ self.centroids.clone().T / self.temperature, targets)
+        with torch.no_grad():
+            ids, inverse = targets.unique(return_inverse=True)
+            means = torch.zeros(len(ids), f.shape[1], dtype=f.dtype).index_add_(0, inverse, f.detach())
+            means /= torch.bincount(inverse, minlength=len(ids)).unsqueeze(1)
+            self.centroids[ids] = F.normalize(self.momentum * self.centroids[ids] + (1 - self.momentum) * means, dim=1)
+        return loss
+
+
+@torch.no_grad()
+def identity_centroids(model: nn.Module, split: Split, args: argparse.Namespace) -> torch.Tensor:
+    """(num_ids, D) mean normalised embedding of every training identity under the initial model."""
+    feats = F.normalize(embed(model, split.images, args.img_size), dim=1)
+    pids = torch.from_numpy(split.pids)
+    sums = torch.zeros(int(pids.max()) + 1, feats.shape[1]).index_add_(0, pids, feats)
+    return sums / torch.bincount(pids).unsqueeze(1)
 
 
 def xbm_loss(embedding_size: int, memory_size: int, margin: float) -> nn.Module:
@@ -175,8 +255,13 @@ def train(model: nn.Module, variant: Variant, split: Split, args: argparse.Names
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.15)
     criterion = ReIDLoss(margin=args.margin, label_smoothing=0.1)
-    memory = xbm_loss(model.num_features, args.xbm_memory, args.margin) if variant.xbm else None
-    memory_from = len(sampler) if variant.xbm else None  # XBM's warm-up: embeddings drift fastest at first
+    memory: Optional[nn.Module] = None
+    memory_from = 0
+    if variant.memory == 'xbm':
+        memory = xbm_loss(model.num_features, variant.xbm_memory or args.xbm_memory, args.margin)
+        memory_from = len(sampler)  # XBM's warm-up: embeddings drift fastest at first
+    elif variant.memory == 'identity':
+        memory = IdentityMemory(identity_centroids(model, split, args))
     gen = torch.Generator().manual_seed(seed)
     pids = torch.from_numpy(split.pids)
     model.train()
@@ -189,10 +274,12 @@ def train(model: nn.Module, variant: Variant, split: Split, args: argparse.Names
             y = pids[batch]
             out = model(x.contiguous(memory_format=torch.channels_last))
             loss = criterion(out, y)
-            if memory is not None:
+            if variant.memory == 'xbm':
                 xbm = memory(out.features[0], y)  # enqueues during warm-up too, so the memory starts full
                 if step >= memory_from:
                     loss = loss + xbm
+            elif variant.memory == 'identity':
+                loss = loss + memory(out.embedding, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -332,12 +419,21 @@ def _fmt_mean(values: Sequence[float]) -> str:
 
 
 def latest(records: List[Dict[str, Any]]) -> Dict[Tuple[str, str, int], Dict[str, Any]]:
-    """(schedule, variant, seed) -> the last record of it (imagenet: under every schedule)."""
+    """(schedule, variant, seed) -> its last record among the schedule's most common settings (runs with other
+    settings, e.g. a trial learning rate, never mix into the tables); imagenet counts under every schedule."""
+    def digest(r: Dict[str, Any]) -> str:
+        return r['key'].rsplit('/', 1)[1]
+
+    trained = [r for r in records if r['variant'] != 'imagenet']
+    schedules = sorted({r['schedule'] for r in trained})
+    main = {s: Counter(digest(r) for r in trained if r['schedule'] == s).most_common(1)[0][0] for s in schedules}
     out = {}
-    schedules = sorted({r['schedule'] for r in records})
     for r in records:
-        for schedule in (schedules if r['variant'] == 'imagenet' else [r['schedule']]):
-            out[(schedule, r['variant'], r['seed'])] = r
+        if r['variant'] == 'imagenet':
+            for schedule in schedules:
+                out[(schedule, 'imagenet', r['seed'])] = r
+        elif digest(r) == main[r['schedule']]:
+            out[(r['schedule'], r['variant'], r['seed'])] = r
     return out
 
 
@@ -373,9 +469,7 @@ def report(records: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str,
                              ' | '.join(_fmt_mean(vals[m]) for m in vals) + ' | - |')
                 summary[schedule].setdefault(part, {})[v] = {m: float(np.mean(x)) for m, x in vals.items()}
             lines.append('')
-            pairs = [(a, b) for a in variants for b in ('control', 'xbm', 'plain', 'reset')
-                     if a != b and recs[a] and recs[b] and a not in ('imagenet', 'plain') and
-                     not (a == 'control' and b != 'plain') and not (a == 'xbm' and b != 'plain')]
+            pairs = [(a, b) for a, b in COMPARISONS if recs.get(a) and recs.get(b)]
             if pairs:
                 lines += ['| paired difference (mAP) | seeds | mean [95 % CI] | rank-1 |', '|---|---|---|---|']
                 for a, b in pairs:

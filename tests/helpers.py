@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import CheckpointSaver, ModelEmaV3
 
-from ptl_timm.data import load_animal_mnist
+from ptl_timm.offline.datasets import load_animal_mnist, to_model_input
 
 
 def repo_on_pythonpath(env: Dict[str, str]) -> Dict[str, str]:
@@ -26,11 +26,8 @@ def _animal_mnist():
 def animal_batch(start: int, n: int, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """n real Animal-MNIST images (B, 3, size, size), ImageNet-normalised, and their labels (B,)."""
     images, labels = _animal_mnist()
-    x = torch.from_numpy(images[start:start + n]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
-    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    return (x - mean) / std, torch.from_numpy(labels[start:start + n])
+    x = to_model_input(images[start:start + n], size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return x, torch.from_numpy(labels[start:start + n])
 
 
 def train_and_save(

@@ -12,7 +12,11 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
 
 import ptl_timm  # noqa: F401
-from ptl_timm import cli, hub
+from ptl_timm import cli
+from ptl_timm.hub.checkpoint import file_sha256
+from ptl_timm.hub.io import export_checkpoint
+from ptl_timm.hub.manifest import load_manifest
+from ptl_timm.hub.model_card import manifest_table
 
 SIZE = 32
 
@@ -55,7 +59,7 @@ def checkpoint(tmp_path_factory):
 def export_folder(checkpoint):
     """The EMA weights of ``checkpoint`` exported in process (the CLI's own export is tested end to end below)."""
     out = checkpoint['root'] / 'export'
-    hub.export_checkpoint(checkpoint['path'], out, use_ema=True)
+    export_checkpoint(checkpoint['path'], out, use_ema=True)
     return out
 
 
@@ -65,7 +69,7 @@ def test_list_shows_models_backbone_tags_and_manifest_checkpoints(env):
     lines = result.stdout.splitlines()
     for name in timm.list_models('ptl_*'):
         assert any(line.startswith(name + ' ') for line in lines), name
-    for name, entry in hub.load_manifest().items():
+    for name, entry in load_manifest().items():
         assert any(name in line and entry['status'] in line and entry['hf_hub_id'] in line for line in lines)
 
 
@@ -89,7 +93,7 @@ def test_export_ema_end_to_end_then_push_fails_cleanly_offline(env, checkpoint, 
     assert result.returncode == 0, result.stderr
     assert 'state_dict_ema' in result.stdout and 'bit-identical' in result.stdout
     for name in ('model.safetensors', 'config.json', 'README.md'):
-        assert f'{name}  sha256 {hub.file_sha256(out / name)}' in result.stdout
+        assert f'{name}  sha256 {file_sha256(out / name)}' in result.stdout
     weights = load_file(str(out / 'model.safetensors'))
     assert all(torch.equal(weights[k], v) for k, v in checkpoint['ema'].state_dict().items())
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
@@ -122,7 +126,7 @@ def test_errors_are_one_line_with_exit_status_2(checkpoint, export_folder, offli
     status, err = in_process(capsys, 'export', truncated, tmp_path / 'o')
     assert status == 2 and 'truncated' in err
     status, err = in_process(capsys, 'push', tmp_path, 'someone/x')
-    assert status == 2 and 'model.safetensors' in err and 'python -m ptl_timm export' in err
+    assert status == 2 and 'model.safetensors' in err and 'ptl-timm export' in err
     # online mode but no token: refused before any network call
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
     monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
@@ -134,10 +138,10 @@ def test_errors_are_one_line_with_exit_status_2(checkpoint, export_folder, offli
 
 def test_manifest_table_and_zoo_check(capsys, tmp_path):
     assert cli.main(['manifest-table']) == 0
-    assert capsys.readouterr().out == hub.manifest_table()
+    assert capsys.readouterr().out == manifest_table()
     assert cli.main(['zoo', '--check']) == 0
     doc = tmp_path / 'doc.md'
     doc.write_text('before\n<!-- manifest-table -->\nold table\n<!-- /manifest-table -->\nafter\n')
     assert cli.main(['manifest-table', '--update', str(doc)]) == 0
-    table = f'<!-- manifest-table -->\n{hub.manifest_table()}<!-- /manifest-table -->'
+    table = f'<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->'
     assert doc.read_text() == f'before\n{table}\nafter\n'

@@ -12,7 +12,8 @@ from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
 import ptl_timm
 from ptl_timm import PTLNet, bconv_cells
-from ptl_timm.ptl_zoo import backbone_filter_fn
+from ptl_timm.layers import StageFuse
+from ptl_timm.models._helpers import backbone_filter_fn
 
 SIZE = 64
 REGISTERED = sorted(timm.list_models('ptl_*'))
@@ -302,7 +303,7 @@ def test_backbone_modules_own_filters_are_chained():
 
 
 def test_stage_fuse_is_the_1x1_conv_of_the_concatenation():
-    fuse = ptl_timm.ptl_net.StageFuse(6, 3, 4).eval()
+    fuse = StageFuse(6, 3, 4).eval()
     f, c = torch.randn(2, 6, 5, 5), torch.randn(2, 3, 5, 5)
     weight = torch.cat([fuse.feat_conv.weight, fuse.cell_conv.weight], dim=1)
     torch.testing.assert_close(fuse(f, c), fuse.bn(torch.nn.functional.conv2d(torch.cat([f, c], 1), weight)))

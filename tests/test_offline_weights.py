@@ -6,14 +6,15 @@ import timm
 import torch
 
 import ptl_timm  # noqa: F401  (registers ptl_* models)
-from ptl_timm.offline_weights import OFFLINE_WEIGHTS, convert_by_position, create_offline_model, offline_weights_file
+from ptl_timm.offline.datasets import package_file
+from ptl_timm.offline.weights import OFFLINE_WEIGHTS, convert_by_position, create_offline_model, offline_weights_file
 
 
 def test_mobilenetv2_matches_torchvision(tmp_path):
     """The converted weights give torchvision's ImageNet logits in timm's architecture."""
     tv = pytest.importorskip('torchvision')
     spec = OFFLINE_WEIGHTS['mobilenetv2_100']
-    source = torch.load(ptl_timm.data.package_file(spec.package, spec.relative, spec.pip), weights_only=True)
+    source = torch.load(package_file(spec.package, spec.relative, spec.pip), weights_only=True)
     reference = tv.models.mobilenet_v2()
     reference.load_state_dict(source)
     model = create_offline_model('mobilenetv2_100', cache_dir=tmp_path)

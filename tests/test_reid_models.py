@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 import ptl_timm.reid  # noqa: F401  (registers the ReID models)
-from ptl_timm.bconv_cell import bconv_cells
+from ptl_timm import bconv_cells
 from ptl_timm.reid import MGN, ReIDLoss, ReIDNet, ReIDOutput, create_reid_model
-from ptl_timm.reid.reid_models import mgn_checkpoint_filter_fn
+from ptl_timm.reid.mgn import mgn_checkpoint_filter_fn
 
 
 @pytest.fixture(autouse=True)

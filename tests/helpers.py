@@ -1,6 +1,8 @@
-"""Helpers shared by test modules: real Animal-MNIST batches, a train.py-format checkpoint, subprocess env."""
+"""Helpers shared by test modules: real Animal-MNIST batches, a train.py-format checkpoint, a Hub cache, subprocess
+env."""
 import argparse
 import functools
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -58,3 +60,24 @@ def train_and_save(
     CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(root), recovery_dir=str(root),
                     max_history=1).save_checkpoint(0, metric=0.0)
     return ema
+
+
+def place_in_hf_cache(folder: Path, repo_id: str, cache: Path) -> Path:
+    """Lay ``folder`` out as huggingface_hub's cache does after a download of ``repo_id``: blobs named by
+    their etag (sha256 for LFS files, git blob sha1 for small ones), snapshots/<commit>/ symlinks, refs/main."""
+    repo = cache / f'models--{repo_id.replace("/", "--")}'
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True)
+    (repo / 'blobs').mkdir()
+    for file in sorted(folder.iterdir()):
+        data = file.read_bytes()
+        if file.suffix == '.safetensors':
+            etag = hashlib.sha256(data).hexdigest()
+        else:
+            etag = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
+        (repo / 'blobs' / etag).write_bytes(data)
+        (snapshot / file.name).symlink_to(Path('..') / '..' / 'blobs' / etag)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(commit)
+    return repo

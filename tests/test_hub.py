@@ -5,12 +5,14 @@ import json
 import logging
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from helpers import animal_batch, train_and_save
+from helpers import animal_batch, place_in_hf_cache, train_and_save
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir
 from safetensors.torch import load_file, save_file
 from timm.models import get_pretrained_cfg
@@ -25,27 +27,6 @@ from ptl_timm.hub.model_card import manifest_table, render_zoo
 
 TAG = next(iter(load_manifest()), None)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def place_in_hf_cache(folder: Path, repo_id: str, cache: Path) -> Path:
-    """Lay ``folder`` out as huggingface_hub's cache does after a download of ``repo_id``: blobs named by
-    their etag (sha256 for LFS files, git blob sha1 for small ones), snapshots/<commit>/ symlinks, refs/main."""
-    repo = cache / f'models--{repo_id.replace("/", "--")}'
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True)
-    (repo / 'blobs').mkdir()
-    for file in sorted(folder.iterdir()):
-        data = file.read_bytes()
-        if file.suffix == '.safetensors':
-            etag = hashlib.sha256(data).hexdigest()
-        else:
-            etag = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
-        (repo / 'blobs' / etag).write_bytes(data)
-        (snapshot / file.name).symlink_to(Path('..') / '..' / 'blobs' / etag)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(commit)
-    return repo
 
 
 @pytest.fixture(scope='module')
@@ -193,6 +174,46 @@ def test_offline_cache_miss_names_repo_cache_dir_and_offline_mode(offline_cache)
     assert entry['hf_hub_id'] in msg and str(offline_cache) in msg and 'HF_HUB_OFFLINE' in msg
     if entry['status'] != 'published':
         assert entry['command'] in msg
+
+
+def _assert_names_every_fix(message: str, cache: Path) -> None:
+    for needle in ('HF_HUB_OFFLINE=1', str(cache), 'local-dir:PATH', 'pretrained_cfg_overlay=dict(file=PATH)'):
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize('name', ['ptl_resnet18', 'ptl_resnet50.a1_in1k', 'ptl_mgn_resnet50', 'reid_ptl_resnet18'])
+def test_pretrained_load_offline_fails_at_once_naming_the_fixes(name, offline_cache):
+    """timm's own create_model, an empty Hub cache, offline mode: one error, without the Hub's retries."""
+    start = time.monotonic()
+    with pytest.raises(HubError) as err:
+        timm.create_model(name, pretrained=True, num_classes=3)
+    assert time.monotonic() - start < 10
+    _assert_names_every_fix(str(err.value), offline_cache)
+    assert 'HF_HUB_OFFLINE=1 (offline mode)' in str(err.value)
+
+
+def test_pretrained_load_without_network_fails_at_once_without_offline_mode(offline_cache, monkeypatch):
+    """HF_HUB_OFFLINE unset but no Hub to reach (a closed port on this machine): the same error, at once."""
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(hf_constants, 'ENDPOINT', 'http://127.0.0.1:9')
+    for var in ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+        monkeypatch.delenv(var, raising=False)
+    start = time.monotonic()
+    with pytest.raises(HubError, match='cannot be reached') as err:
+        timm.create_model('ptl_resnet18.a1_in1k', pretrained=True)
+    assert time.monotonic() - start < 10
+    _assert_names_every_fix(str(err.value), offline_cache)
+
+
+def test_pretrained_backbone_weights_in_the_hub_cache_load_offline(offline_cache, tmp_path):
+    """The check lets a cached file through to timm's loader: ptl_resnet18.a1_in1k reads timm/resnet18.a1_in1k."""
+    torch.manual_seed(3)
+    plain = timm.create_model('resnet18')
+    (tmp_path / 'w').mkdir()
+    save_file(plain.state_dict(), str(tmp_path / 'w' / 'model.safetensors'))
+    place_in_hf_cache(tmp_path / 'w', 'timm/resnet18.a1_in1k', offline_cache)
+    model = timm.create_model('ptl_resnet18.a1_in1k', pretrained=True, num_classes=3, img_size=64)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.backbone.state_dict().items())
 
 
 def _copy_with_config(folder: Path, dst: Path, **changes) -> Path:

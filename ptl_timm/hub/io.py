@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import timm
 import torch
@@ -17,13 +17,20 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.models import parse_model_name, save_for_hf, split_model_name_tag
+from timm.models import (
+    get_pretrained_cfg,
+    load_model_config_from_hf,
+    parse_model_name,
+    save_for_hf,
+    split_model_name_tag,
+)
 
 from ..layers import bconv_cells
 from ..models.ptlnet import PTLNet
 from . import HubError
+from .cache import cached_file, hub_weights_source, missing_weights_message, require_hub_files
 from .checkpoint import TRAIN_DATA_ARGS, corrupted_file_message, file_sha256, model_from_checkpoint
-from .manifest import WEIGHTS_NAME, load_manifest
+from .manifest import WEIGHTS_NAME
 from .model_card import model_card
 
 __all__ = [
@@ -146,76 +153,64 @@ def _verify_round_trip(model: PTLNet, directory: Path) -> None:
         raise HubError(f'The export in {directory} does not reproduce the model exactly; please report this bug.')
 
 
-def _hub_source(name: str, pretrained_cfg: Any = None) -> Tuple[Optional[str], Optional[str]]:
-    """(kind, location) of the weights ``name`` loads: ('hf-hub', repo), ('local-dir', path) or (None, None)."""
+def _architecture(name: str, cache_dir: Optional[Union[str, Path]]) -> str:
+    """The architecture ``name`` builds: its own, or the one its config.json names (``hf-hub:``, ``local-dir:``)."""
     source, model_id = parse_model_name(name)
-    if source:
-        return source, model_id
-    arch, tag = split_model_name_tag(model_id)
-    if isinstance(pretrained_cfg, str):
-        tag = pretrained_cfg
-    cfg = timm.models.get_pretrained_cfg(f'{arch}.{tag}' if tag else arch) if timm.is_model(arch) else None
-    if cfg is not None and cfg.hf_hub_id and not cfg.file and not cfg.state_dict:
-        return 'hf-hub', cfg.hf_hub_id
-    return None, None
+    if source == 'hf-hub':
+        require_hub_files(name, model_id, ('config.json',), cache_dir)
+        return load_model_config_from_hf(model_id, cache_dir=cache_dir)[1]
+    if source == 'local-dir':
+        config = Path(model_id) / 'config.json'
+        if not config.is_file():
+            raise FileNotFoundError(f'{name}: no config.json in {model_id} (an export folder holds one).')
+        return json.loads(config.read_text()).get('architecture', '')
+    return split_model_name_tag(model_id)[0]
 
 
-def _manifest_note(repo_id: str) -> str:
-    entry = next((e for e in load_manifest().values() if e['hf_hub_id'] == repo_id), None)
-    if entry is None or entry['status'] == 'published':
-        return ''
-    return (f' {entry["name"]} is listed in weights/manifest.json as "{entry["status"]}": build it with '
-            f'`{entry["command"]}`, then load that folder with local-dir:PATH.')
-
-
-def _weights_path(kind: str, location: str, cache_dir: Optional[Union[str, Path]]) -> Optional[Path]:
-    if kind == 'local-dir':
-        path = Path(location) / WEIGHTS_NAME
+def _weights_file(name: str, pretrained_cfg: Any, cache_dir: Optional[Union[str, Path]]) -> Optional[Path]:
+    """The weights file ``name`` loaded (a local-dir: folder's, or the Hub cache's), if it can be told."""
+    source, model_id = parse_model_name(name)
+    if source == 'local-dir':
+        path = Path(model_id) / WEIGHTS_NAME
         return path if path.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-    repo_id, revision = (location.split('@') + [None])[:2]
-    found = try_to_load_from_cache(repo_id, WEIGHTS_NAME, cache_dir=cache_dir, revision=revision)
-    return Path(found) if isinstance(found, str) else None
+    if source == 'hf-hub':
+        return cached_file(model_id, (WEIGHTS_NAME,), cache_dir)
+    arch, tag = split_model_name_tag(model_id)
+    tag = pretrained_cfg if isinstance(pretrained_cfg, str) else tag
+    cfg = get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
+    hub = hub_weights_source(cfg.to_dict()) if cfg is not None else None
+    return cached_file(*hub, cache_dir) if hub else None
 
 
 def load_model(name: str, pretrained: bool = True, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model(name, pretrained=pretrained, **kwargs)`` with errors that say what to do.
 
-    ``name``: a ptl_* model or tag, ``hf-hub:ORG/NAME[@REV]`` or ``local-dir:PATH``. Raises HubError when
-    the weights are not in the Hub cache while offline (naming the repo, the cache dir and
-    ``HF_HUB_OFFLINE``) or are corrupted / truncated, ValueError when config.json names an architecture
-    timm does not know (``import ptl_timm``) or the checkpoint does not fit the model (keys listed).
+    ``name``: a ptl_* model or tag, ``hf-hub:ORG/NAME[@REV]`` or ``local-dir:PATH``. Raises HubError at once when
+    the weights are neither in the local Hub cache nor downloadable (naming the repo, the cache dir,
+    ``HF_HUB_OFFLINE`` and the other ways to load them) or are corrupted / truncated, ValueError when the name or
+    config.json names an architecture timm does not know (``import ptl_timm``) or the checkpoint does not fit the
+    model (keys listed).
     """
     cache_dir = kwargs.get('cache_dir')
+    arch = _architecture(name, cache_dir)
+    if not timm.is_model(arch):
+        n = len(timm.list_models('ptl_*'))
+        if parse_model_name(name)[0] is None:
+            raise ValueError(f'Unknown model {name!r}: `import ptl_timm` registers the ptl_* models ({n} now '
+                             'registered).')
+        raise ValueError(
+            f'config.json of {name} names architecture {arch!r}, which is not registered in timm. `import ptl_timm` '
+            f'registers the ptl_* models; this ptl_timm version knows {n} (ptl-timm list). A newer ptl_timm may be '
+            'needed.')
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (EntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError) as e:
-        kind, location = _hub_source(name, kwargs.get('pretrained_cfg'))
-        repo_id = (location or name).split('@')[0]
-        cache = Path(cache_dir or hf_constants.HF_HUB_CACHE)
-        offline = 'HF_HUB_OFFLINE=1 (offline mode)' if hf_constants.HF_HUB_OFFLINE else \
-            'HF_HUB_OFFLINE is not set, but the Hub could not be reached'
-        raise HubError(
-            f'Hugging Face repo {repo_id} is not in the local Hub cache {cache} and cannot be downloaded: '
-            f'{offline}. Download it on a connected machine (`hf download {repo_id}`) and copy the cache, point '
-            f'HF_HUB_CACHE / HF_HOME at a cache that holds it, or load an exported folder with local-dir:PATH.'
-            f'{_manifest_note(repo_id)} ({type(e).__name__})') from e
-    except SafetensorError as e:
-        kind, location = _hub_source(name, kwargs.get('pretrained_cfg'))
-        path = _weights_path(kind, location, cache_dir) if kind else None
-        raise HubError(corrupted_file_message(path, e)) from e
-    except RuntimeError as e:
-        if not str(e).startswith('Unknown model'):
-            raise
         source, model_id = parse_model_name(name)
-        if source is None:
-            raise ValueError(f'Unknown model {name!r}: `import ptl_timm` registers the ptl_* models '
-                             f'({len(timm.list_models("ptl_*"))} now registered).') from e
-        arch = str(e).split('(', 1)[-1].rstrip(')')
-        raise ValueError(
-            f'config.json of {name} names architecture {arch!r}, which is not registered in timm. `import ptl_timm` '
-            f'registers the ptl_* models; this ptl_timm version knows {len(timm.list_models("ptl_*"))} '
-            '(python -m ptl_timm list). A newer ptl_timm may be needed.') from e
+        repo_id = model_id if source == 'hf-hub' else name
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0]}'
+        raise HubError(missing_weights_message(name, repo_id, reason, cache_dir)) from e
+    except SafetensorError as e:
+        raise HubError(corrupted_file_message(_weights_file(name, kwargs.get('pretrained_cfg'), cache_dir), e)) from e
 
 
 def check_export_folder(directory: Union[str, Path]) -> Dict[str, Any]:

@@ -34,6 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from ..hub.cache import require_pretrained
 from ..hub.manifest import load_manifest, manifest_pretrained_cfgs, tag_model_args
 from ..layers import (
     DEFAULT_STATE_MODE,
@@ -394,6 +395,7 @@ def _create_ptl(variant: str, backbone: str, pretrained: bool = False, **kwargs:
     kwargs.setdefault('feature_cfg', dict(feature_cls='getter', out_indices=None))
     # a full-PTL tag (weights manifest) rebuilds the model its checkpoint holds: cell widths, state grid...
     kwargs = dict(tag_model_args(_MANIFEST, variant, kwargs.get('pretrained_cfg')), **kwargs)
+    require_pretrained(variant, pretrained, kwargs)  # fail at once, not after the Hub's retries
     return build_model_with_cfg(
         PTLNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -23,6 +23,7 @@ from timm.models import (
 )
 from torch import nn
 
+from ..hub.cache import require_pretrained
 from ..models import ptlnet
 from ..models._helpers import (
     backbone_filter_fn,
@@ -147,6 +148,7 @@ def reid_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ReIDNe
 
 
 def _create_reid(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    require_pretrained(variant, pretrained, kwargs)
     return build_model_with_cfg(ReIDNet, variant, pretrained, pretrained_filter_fn=reid_checkpoint_filter_fn,
                                 backbone=backbone, **kwargs)
 

@@ -29,6 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import ResNet
 from torch import nn
 
+from ..hub.cache import require_pretrained
 from ..layers import (
     DEFAULT_STATE_MODE,
     BConvCell,
@@ -278,6 +279,7 @@ def mgn_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: MGN) ->
 
 
 def _create_mgn(variant: str, pretrained: bool = False, **kwargs: Any) -> MGN:
+    require_pretrained(variant, pretrained, kwargs)
     return build_model_with_cfg(MGN, variant, pretrained, pretrained_filter_fn=mgn_checkpoint_filter_fn, **kwargs)
 
 

@@ -1,5 +1,8 @@
-"""Offline ImageNet weights: converted by position, loaded through timm's pretrained path, real files."""
+"""Offline ImageNet weights: converted by position, loaded through timm's pretrained path, real files; a first run
+(cold cache) gives what every later run (warm cache) gives."""
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -59,3 +62,36 @@ def test_wrong_architecture_is_refused():
 def test_unknown_architecture_names_the_available_ones():
     with pytest.raises(ValueError, match='mobilenetv2_100'):
         offline_weights_file('resnet50')
+
+
+def test_cold_and_warm_cache_give_the_same_initial_weights(tmp_path):
+    """The conversion builds a template model: it must not draw from the RNG the caller seeded, or a first run
+    (empty cache) initialises the PTL branch and the head differently from every later one."""
+    models, rng_after = [], []
+    for _ in ('cold', 'warm'):
+        torch.manual_seed(0)
+        models.append(create_offline_model('ptl_mobilenetv2_100', cache_dir=tmp_path, num_classes=5, img_size=64))
+        rng_after.append(torch.get_rng_state())
+    cold, warm = (m.state_dict() for m in models)
+    assert list(cold) == list(warm) and all(torch.equal(cold[k], warm[k]) for k in cold)
+    assert torch.equal(*rng_after)
+
+
+@pytest.mark.slow
+def test_demo_run_is_the_same_with_a_cold_and_a_warm_cache(tmp_path, monkeypatch):
+    """benchmarks/transfer.py's run (what benchmarks/demo.sh runs), small: the same accuracies and loss on the
+    first run, which converts the weights, as on the next."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    try:
+        import transfer
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv('PTL_TIMM_CACHE', str(tmp_path))
+    args = transfer.parse_args(['--quick', '--variants', 'shared', '--epochs', '1', '--min-steps', '3',
+                                '--img-size', '32'])
+    run = next(transfer.grid(args))
+    cold = transfer.run_one(run)
+    assert (tmp_path / 'mobilenetv2_100.offline.safetensors').is_file()
+    warm = transfer.run_one(run)
+    for key in ('final_loss', 'val_acc', 'test_acc', 'test_acc_no_cells'):
+        assert cold[key] == warm[key], key

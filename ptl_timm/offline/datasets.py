@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 __all__ = [
     'default_cache_dir', 'package_file', 'to_model_input', 'load_animal_mnist', 'load_fashion_mnist', 'load_emoji',
-    'FewShotSplit', 'few_shot_split', 'FASHION_MNIST_DIR', 'EMOJI_NPM_PACKAGE', 'EMOJI_VENDORS', 'EmojiReID',
-    'load_emoji_reid', 'IdentitySplit', 'identity_split',
+    'FewShotSplit', 'few_shot_split', 'FASHION_MNIST_DIR', 'fashion_mnist_dir', 'EMOJI_NPM_PACKAGE', 'EMOJI_VENDORS',
+    'EmojiReID', 'load_emoji_reid', 'IdentitySplit', 'identity_split',
 ]
 
 # Debian's dataset-fashion-mnist installs the original idx files here.
@@ -89,22 +89,34 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def fashion_mnist_dir() -> Path:
+    """Where Fashion-MNIST's idx files are: Debian's package folder, else the ptl_timm cache's ``fashion-mnist``
+    (where tests/run.sh unpacks the package without root); the Debian folder when neither holds them."""
+    for folder in (FASHION_MNIST_DIR, default_cache_dir() / 'fashion-mnist'):
+        if (folder / 't10k-labels-idx1-ubyte.gz').is_file():
+            return folder
+    return FASHION_MNIST_DIR
+
+
 def load_fashion_mnist(split: str = 'train', root: Optional[Path] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST (MIT): grey 28x28 photos of clothes, 10 classes; 60,000 ``'train'``, 10,000 ``'test'``.
 
-    Reads the idx files of Debian's ``dataset-fashion-mnist`` (``root`` defaults to
-    /usr/share/datasets/fashion-mnist). Returns ``images`` uint8 (N, 28, 28) and ``labels`` int64 (N,).
+    Reads the idx files of Debian's ``dataset-fashion-mnist`` from ``root`` (default :func:`fashion_mnist_dir`).
+    Returns ``images`` uint8 (N, 28, 28) and ``labels`` int64 (N,).
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    root = Path(root) if root is not None else fashion_mnist_dir()
     prefix = 'train' if split == 'train' else 't10k'
     paths = [root / f'{prefix}-images-idx3-ubyte.gz', root / f'{prefix}-labels-idx1-ubyte.gz']
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f'Fashion-MNIST files missing ({", ".join(missing)}); install them with: '
-            'apt-get install dataset-fashion-mnist (Debian / Ubuntu), or pass root= a folder holding the idx files.')
+            f'Fashion-MNIST files missing ({", ".join(missing)}); install them with: apt-get install '
+            f'dataset-fashion-mnist (root), or without root: apt-get download dataset-fashion-mnist && dpkg-deb -x '
+            f'dataset-fashion-mnist_*.deb DIR, then copy DIR/usr/share/datasets/fashion-mnist/* to '
+            f'{default_cache_dir() / "fashion-mnist"} (tests/run.sh does this), or pass root= a folder of the idx '
+            'files.')
     images, labels = (_read_idx(p) for p in paths)
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise ValueError(f'Unexpected Fashion-MNIST arrays {images.shape} / {labels.shape} in {root}.')

@@ -6,7 +6,7 @@ set (``ptl_timm.offline.datasets.few_shot_split``). Variants, all with the same 
 
 - ``plain``: ``timm.create_model(arch, pretrained=True, num_classes=N)``, timm's own head.
 - ``control``: the PTL model (same head, init, optimiser groups, schedule) with the cells' output replaced by
-  zeros before the head, so the cells contribute nothing (the trap of method.md: a new head alone moves
+  zeros before the head, so the cells contribute nothing (docs/benchmarks.md: a new head alone moves
   accuracy by many points).
 - ``shared`` / ``carried`` / ``reset``: the PTL model with that ``state_mode``.
 

@@ -308,9 +308,9 @@ def test_zoo_folders_cards_and_readme_table_are_generated_from_the_manifest():
         for needle in (entry['status'], entry['command'], entry['data']['licence'],
                        entry['backbone_weights']['licence'], f"hf-hub:{entry['hf_hub_id']}"):
             assert needle in card
-    readme = (REPO_ROOT / 'README.md').read_text()
-    assert f'<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->' in readme, \
-        'README.md table is stale: python -m ptl_timm manifest-table --update README.md'
+    hub_doc = (REPO_ROOT / 'docs' / 'hub.md').read_text()
+    assert f'<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->' in hub_doc, \
+        'docs/hub.md table is stale: ptl-timm manifest-table --update docs/hub.md'
 
 
 def test_manifest_validation_rejects_bad_entries(tmp_path):

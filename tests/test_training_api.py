@@ -255,7 +255,7 @@ def test_sync_batchnorm_conversion_keeps_cells_and_checkpoints(eager):
 def test_torch_compile_trains_like_eager(eager):
     """train.py --torchcompile. The aot_eager backend runs Dynamo and AOTAutograd (where the in-place state write
     is functionalised) without inductor's C++ build, which takes minutes on a small CPU. The second step reads
-    the state the first wrote: a graph that recomputes a state read after its write (README, --torchcompile)
+    the state the first wrote: a graph that recomputes a state read after its write (docs/training.md, torch.compile)
     fails here."""
     ref, out_ref = eager
     compiled_src = _model()

@@ -203,10 +203,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> None:
     files = list_images(args.folder)
-    img_size = _img_size(args.img_size)
     extractor = FeatureExtractor(
         args.model, checkpoint=args.checkpoint, use_ema=args.ema, pretrained=args.pretrained,
-        image_size=(img_size, img_size) if isinstance(img_size, int) else img_size, batch_size=args.batch_size,
+        image_size=_img_size(args.img_size), batch_size=args.batch_size,
         device=args.device, flip=args.flip, normalize=args.normalize, **args.model_kwargs)
     feats = extractor(files).numpy()
     args.output.parent.mkdir(parents=True, exist_ok=True)

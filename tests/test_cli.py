@@ -1,5 +1,6 @@
 """The ``python -m ptl_timm`` command line, end to end in subprocesses: list, info, export, push, and the
 errors (one line, no traceback, exit status 2)."""
+import argparse
 import os
 import subprocess
 import sys
@@ -145,3 +146,22 @@ def test_manifest_table_and_zoo_check(capsys, tmp_path):
     assert cli.main(['manifest-table', '--update', str(doc)]) == 0
     table = f'<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->'
     assert doc.read_text() == f'before\n{table}\nafter\n'
+
+
+def test_one_meaning_per_flag_across_commands():
+    """--model-kwargs reads values as train.py does (Python literals, else text) in every command; --ema and
+    --img-size H [W] are the same flags wherever they appear."""
+    parser = cli.build_parser()
+    args = parser.parse_args(['info', 'ptl_resnet18', '--model-kwargs', 'cell_norm=True', 'img_size=64',
+                              'cell_widths=[8,8,16,32,64]', 'state_mode=carried', 'drop_rate=0.1'])
+    assert args.model_kwargs == dict(cell_norm=True, img_size=64, cell_widths=[8, 8, 16, 32, 64],
+                                     state_mode='carried', drop_rate=0.1)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {name: {opt: a for a in p._actions for opt in a.option_strings} for name, p in subparsers.items()}
+    for command in ('export', 'deploy', 'extract'):
+        assert isinstance(flags[command]['--model-kwargs'], cli.ModelKwargs), command
+        assert flags[command]['--ema'].const is True and flags[command]['--img-size'].nargs == '+', command
+    assert isinstance(flags['info']['--model-kwargs'], cli.ModelKwargs)
+    assert not any(opt == '--use-ema' for command in flags.values() for opt in command)
+    with pytest.raises(SystemExit):
+        parser.parse_args(['info', 'ptl_resnet18', '--model-kwargs', 'no_value'])

@@ -16,6 +16,7 @@ import timm
 import torch
 from PIL import Image
 from timm.data import resolve_data_config
+from timm.layers import to_2tuple
 from torch import nn
 from torchvision.transforms import v2 as T
 
@@ -57,7 +58,7 @@ class FeatureExtractor:
         model: a registered name (created with ``num_classes=0``) or an ``nn.Module``.
         checkpoint: weights to load into a named model (a training checkpoint).
         pretrained: load the named model's pretrained (backbone) weights.
-        image_size: (H, W) input; default: the model's pretrained cfg input size.
+        image_size: (H, W) or one size the images are resized to; default: the model's pretrained cfg input size.
         batch_size: images per forward.
         device: where the model runs.
         flip: average with the mirrored image's embedding.
@@ -75,7 +76,7 @@ class FeatureExtractor:
             model: Union[str, nn.Module],
             checkpoint: Optional[Union[str, Path]] = None,
             pretrained: bool = False,
-            image_size: Optional[Tuple[int, int]] = None,
+            image_size: Optional[Union[int, Tuple[int, int]]] = None,
             batch_size: int = 32,
             device: Union[str, torch.device] = 'cpu',
             flip: bool = False,
@@ -95,7 +96,7 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         cfg = resolve_data_config(model=model)
-        self.image_size = tuple(image_size) if image_size is not None else tuple(cfg['input_size'][-2:])
+        self.image_size = to_2tuple(image_size) if image_size is not None else tuple(cfg['input_size'][-2:])
         self.batch_size = batch_size
         self.flip = flip
         self.normalize = normalize

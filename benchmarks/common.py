@@ -4,9 +4,10 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -48,30 +49,51 @@ def mean_of_means_ci95(groups: Sequence[Sequence[float]]) -> Tuple[float, float,
     return mean, mean - half, mean + half
 
 
+# The sources of the models' computation; before the layout of docs/development.md they were bconv_cell.py,
+# ptl_net.py and ptl_zoo.py (the hashes of earlier results).
+CORE_FILES = ('layers/bconv_cell.py', 'layers/ladder.py', 'models/ptlnet.py', 'models/_helpers.py')
+
+
 def core_hash() -> str:
     """Short sha1 of the imported ptl_timm core sources, so every result names the code it measured."""
     import ptl_timm
 
     root = Path(ptl_timm.__file__).parent
     digest = hashlib.sha1()
-    for name in ('bconv_cell.py', 'ptl_net.py', 'ptl_zoo.py'):
+    for name in CORE_FILES:
         digest.update((root / name).read_bytes())
     return digest.hexdigest()[:10]
 
 
+# CPU features that decide which kernels torch runs, and so the last digits of a result (x86 and ARM names)
+_VECTOR_FLAG = re.compile(r'^(sse\w*|ssse3|avx\w*|amx\w*|fma\w*|f16c|\w*vnni\w*|asimd\w*|neon|sve\w*|sme\d*|sme_\w+)$')
+
+
+def cpu_description() -> Tuple[str, List[str]]:
+    """The CPU model and its vector extensions (sorted), from /proc/cpuinfo where there is one."""
+    cpu, flags = platform.processor(), []
+    try:
+        lines = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError:
+        return cpu, flags
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+    cpu = fields.get('model name') or fields.get('Model name') or cpu
+    flags = sorted(f for f in (fields.get('flags') or fields.get('Features') or '').split() if _VECTOR_FLAG.match(f))
+    return cpu, flags
+
+
 def environment() -> Dict[str, Any]:
-    """Versions, threads and CPU of this run, stored with every result file."""
+    """Versions, threads and CPU of this run (model, vector extensions, the kernels torch picked for them),
+    stored with every result file: another CPU may give other last digits."""
     import timm
     import torch
 
     import ptl_timm
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
-                   if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
+    cpu, cpu_flags = cpu_description()
     try:
         commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -79,7 +101,9 @@ def environment() -> Dict[str, Any]:
         commit = None
     return dict(
         python=platform.python_version(), torch=torch.__version__, timm=timm.__version__, numpy=np.__version__,
-        platform=platform.platform(), cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        platform=platform.platform(), cpu=cpu, cpu_flags=cpu_flags,
+        torch_cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
         git_commit=commit, ptl_timm_path=str(Path(ptl_timm.__file__).parent), ptl_core_hash=core_hash(),
     )
 

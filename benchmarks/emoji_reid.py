@@ -128,7 +128,7 @@ def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def load_splits(args: argparse.Namespace) -> Dict[str, Split]:
-    from ptl_timm import data
+    from ptl_timm.offline import datasets as data
 
     ds = data.load_emoji_reid(root=args.root)
     ids = data.identity_split(len(ds.identities), seed=args.split_seed)
@@ -166,7 +166,7 @@ def random_erasing(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, area: 
 def build_model(variant: Variant, num_classes: int, args: argparse.Namespace, seed: int) -> nn.Module:
     import timm
 
-    from ptl_timm.offline_weights import offline_weights_file
+    from ptl_timm.offline.weights import offline_weights_file
 
     path = offline_weights_file('mobilenetv2_100')  # before seeding: a cold cache must not move the RNG
     kwargs = dict(variant.model_kwargs)

@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument('--out', type=Path, default=RESULTS)
     args = parser.parse_args()
     rows = []
-    for name in sorted(f'ptl_{b}' for b in ptl_timm.PTL_BACKBONES):
+    for name in timm.list_models(module='ptlnet'):  # the registered ptl_* PTLNet models, naturally sorted
         ptl = timm.create_model(name).eval()
         plain = timm.create_model(ptl.backbone_name).eval()
         rows.append(dict(

@@ -5,7 +5,7 @@ hits all of them alike), and the median over repeats is kept:
 
 - ``plain``: ``timm.create_model(backbone, num_classes=1000)``;
 - ``ptl``: ``ptl_<backbone>`` at the package's default cell widths;
-- ``ptl_ref``: ``ptl_<backbone>`` at the reference topology's widths (method.md: ResNet-50 cells
+- ``ptl_ref``: ``ptl_<backbone>`` at the reference topology's widths (docs/method.md: ResNet-50 cells
   16 / 64 / 256 / 512 / 128 at reductions 2 / 4 / 8 / 16 / 32, i.e. 1/4, 1/4, 1/2, 1/2, 1/16 of the stage
   widths; other backbones get the same fractions of their own stage widths).
 
@@ -40,7 +40,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a
 from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
 BACKBONES = ('resnet50', 'densenet161', 'mobilenetv2_100', 'tf_efficientnet_lite0', 'convnext_tiny')
-# Reference MGN_PTL widths as fractions of the ResNet-50 stage widths, by reduction (method.md).
+# Reference MGN_PTL widths as fractions of the ResNet-50 stage widths, by reduction (docs/method.md).
 REF_FRACTIONS = {2: 1 / 4, 4: 1 / 4, 8: 1 / 2, 16: 1 / 2, 32: 1 / 16}
 TARGETS = dict(train=1.15, infer=1.10, params=1.10, memory=1.15)
 

@@ -13,7 +13,7 @@ Variants (BNNeck ReID head, same recipe, data order and augmentation for all):
 - ``ptl``: ``reid_ptl_mobilenetv2_100``.
 - ``imagenet``: ``plain`` without any training (ImageNet features + a fresh BN), the floor to beat.
 
-Backbones start from ImageNet weights shipped in a pip package (``ptl_timm.offline_weights``). Results:
+Backbones start from ImageNet weights shipped in a pip package (``ptl_timm.offline.weights``). Results:
 benchmarks/results/reid_retrieval.json (one record per run) and reid_retrieval.md. Examples::
 
     python benchmarks/reid_retrieval.py                         # Animal-MNIST, 5 seeds
@@ -39,24 +39,24 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import core_hash, environment  # noqa: E402
 
+from ptl_timm.offline.datasets import to_model_input  # noqa: E402
 from ptl_timm.reid import PKBatchSampler, ReIDLoss, evaluate  # noqa: E402  (importing registers the models)
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = ('imagenet', 'plain', 'control', 'ptl')
 MODELS = {'imagenet': 'reid_mobilenetv2_100', 'plain': 'reid_mobilenetv2_100', 'control': 'reid_ptl_mobilenetv2_100',
           'ptl': 'reid_ptl_mobilenetv2_100'}
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_task(task: str) -> Tuple[np.ndarray, np.ndarray]:
     """Grey uint8 images (N, 28, 28) and class labels."""
-    from ptl_timm import data
+    from ptl_timm.offline import datasets as data
 
     if task == 'animal':
         return data.load_animal_mnist()
@@ -82,15 +82,8 @@ def split(labels: np.ndarray, args: argparse.Namespace, seed: int) -> Dict[str, 
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def to_input(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> normalised float (N, 3, size, size)."""
-    x = torch.from_numpy(images).float().div(255).unsqueeze(1)
-    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False).expand(-1, 3, -1, -1)
-    return (x - MEAN) / STD
-
-
 def build(variant: str, num_classes: int, img_size: int) -> torch.nn.Module:
-    from ptl_timm.offline_weights import offline_weights_file
+    from ptl_timm.offline.weights import offline_weights_file
 
     path = offline_weights_file('mobilenetv2_100')
     model = timm.create_model(MODELS[variant], pretrained=True, num_classes=num_classes,
@@ -111,7 +104,7 @@ def run_one(images: np.ndarray, labels: np.ndarray, variant: str, seed: int, arg
             ) -> Dict[str, Any]:
     idx = split(labels, args, seed)
     y_train = torch.from_numpy(np.unique(labels[idx['train']], return_inverse=True)[1])
-    x_train = to_input(images[idx['train']], args.img_size)
+    x_train = to_model_input(images[idx['train']], args.img_size, MEAN, STD)
     torch.manual_seed(seed)
     model = build(variant, int(y_train.max()) + 1, args.img_size)
     sampler = PKBatchSampler(y_train.tolist(), args.p, args.k, seed=seed)
@@ -134,8 +127,8 @@ def run_one(images: np.ndarray, labels: np.ndarray, variant: str, seed: int, arg
             opt.step()
             sched.step()
     train_s = time.time() - t0
-    q = embed(model, to_input(images[idx['query']], args.img_size))
-    g = embed(model, to_input(images[idx['gallery']], args.img_size))
+    q = embed(model, to_model_input(images[idx['query']], args.img_size, MEAN, STD))
+    g = embed(model, to_model_input(images[idx['gallery']], args.img_size, MEAN, STD))
     q_pids, g_pids = labels[idx['query']], labels[idx['gallery']]
     q_cams, g_cams = np.zeros(len(q)), np.ones(len(g))
     res = evaluate(q, g, q_pids, g_pids, q_cams, g_cams)

@@ -2,11 +2,11 @@
 
 Every run fine-tunes ImageNet weights (offline, from pip packages, loaded through timm's pretrained
 path) on a few labelled images per class and scores a fixed held-out test set and a separate validation
-set (``ptl_timm.data.few_shot_split``). Variants, all with the same data order, augmentation and schedule:
+set (``ptl_timm.offline.datasets.few_shot_split``). Variants, all with the same data order, augmentation and schedule:
 
 - ``plain``: ``timm.create_model(arch, pretrained=True, num_classes=N)``, timm's own head.
 - ``control``: the PTL model (same head, init, optimiser groups, schedule) with the cells' output replaced by
-  zeros before the head, so the cells contribute nothing (the trap of method.md: a new head alone moves
+  zeros before the head, so the cells contribute nothing (docs/benchmarks.md: a new head alone moves
   accuracy by many points).
 - ``shared`` / ``carried`` / ``reset``: the PTL model with that ``state_mode``.
 
@@ -53,7 +53,7 @@ DEFAULT_SETTING = (DEFAULT_WIDTH, DEFAULT_LR_MULT, DEFAULT_CELL_NORM)  # (width,
 # --- data -------------------------------------------------------------------------------------------
 def load_task(task: str) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Images (N, H, W) grey or (N, H, W, 3) RGB uint8, labels (N,), and the official test pool (or None)."""
-    from ptl_timm import data
+    from ptl_timm.offline import datasets as data
 
     if task == 'animal':
         x, y = data.load_animal_mnist()
@@ -71,14 +71,6 @@ def load_task(task: str) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
 def split_counts(task: str) -> Tuple[int, int]:
     """(val, test) images per class: emoji's smallest categories hold about 80 images."""
     return (10, 40) if task == 'emoji' else (50, 150)
-
-
-def to_tensor(images: np.ndarray, size: int, mean: Tuple[float, ...], std: Tuple[float, ...]) -> torch.Tensor:
-    """uint8 (N, H, W[, 3]) -> normalised float (N, 3, size, size)."""
-    x = torch.from_numpy(images).float().div_(255)
-    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=True)
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
@@ -111,7 +103,7 @@ class CellsRemoved(nn.Module):
 def build(run: Dict[str, Any], num_classes: int) -> Tuple[nn.Module, List[Dict[str, Any]]]:
     """The model of ``run`` and its two parameter groups: backbone, and new layers (cells, fuses, head)."""
     import ptl_timm  # noqa: F401  (registers ptl_* models)
-    from ptl_timm.offline_weights import create_offline_model
+    from ptl_timm.offline.weights import create_offline_model
 
     torch.manual_seed(run['seed'])
     if run['variant'] == 'plain':
@@ -149,7 +141,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
 def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.Parameter]]] = None) -> Dict[str, Any]:
     """Fine-tune once and return ``run`` with val / test accuracy and timing. ``modify`` (prototypes in
     benchmarks/prototypes/) changes the freshly built PTL model and returns the new parameters to train."""
-    from ptl_timm.data import few_shot_split
+    from ptl_timm.offline.datasets import few_shot_split, to_model_input
 
     torch.set_num_threads(run.get('threads', 1))
     t0 = time.time()
@@ -165,7 +157,8 @@ def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.
     if modify is not None:
         groups[1]['params'] += modify(built)
     mean, std = built.pretrained_cfg['mean'], built.pretrained_cfg['std']
-    xs = {k: to_tensor(images[getattr(split, k)], run['img_size'], mean, std) for k in ('train', 'val', 'test')}
+    xs = {k: to_model_input(images[getattr(split, k)], run['img_size'], mean, std, antialias=True)
+          for k in ('train', 'val', 'test')}
     ys = {k: torch.from_numpy(labels[getattr(split, k)]) for k in ('train', 'val', 'test')}
 
     # the same measure before training (eval mode writes no state and draws no random numbers)

@@ -1,47 +1,91 @@
 """The ``ptl-timm`` / ``python -m ptl_timm`` command line.
 
-    list [PATTERN] [--tags]          registered ptl_* models, their tags, and the full-PTL checkpoints
-    info NAME                        config, parameters, stages and cell widths of a model / tag / hf-hub: / local-dir:
-    export CHECKPOINT DIR [--ema]    a train.py checkpoint (or state_dict / safetensors) to a Hub-ready folder
-    push DIR REPO_ID                 upload an export folder with huggingface_hub
-    manifest-table [--update MD...]  the README's table of weights/manifest.json
-    zoo [--check]                    render weights/<name>/config.json and README.md from the manifest
+    list [PATTERN] [--tags]              registered ptl_* models, their tags, and the full-PTL checkpoints
+    info NAME                            config, parameters, stages and cell widths (a name, tag, hf-hub:, local-dir:)
+    export CHECKPOINT DIR                a checkpoint (train.py's, a state_dict, safetensors) to a Hub-ready folder
+    push DIR REPO_ID                     upload an export folder with huggingface_hub
+    deploy CHECKPOINT FILE               a checkpoint to ONNX (.onnx), torch.export (.pt2) or TorchScript (.pt)
+    run SCRIPT [ARGS...]                 timm's train.py / validate.py / inference.py with the models registered
+    extract FOLDER OUT.npy --model M     embed every image of a folder with a ReID model
+    manifest-table [--update MD...]      the docs' table of weights/manifest.json
+    zoo [--check]                        render weights/<name>/config.json and README.md from the manifest
 
-Errors a user can act on print one line (``error: ...``) and exit with status 2, without a traceback.
+The same flags mean the same everywhere: ``--model`` (a model name), ``--ema`` (the EMA weights of a train.py
+checkpoint), ``--model-kwargs K=V ...`` (model arguments, read as train.py reads its ``--model-kwargs``) and
+``--img-size H [W]`` (the size of the images the model is given). Errors a user can act on print one line
+(``error: ...``) and exit with status 2, without a traceback.
 """
 import argparse
+import ast
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import timm
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, parse_model_name, split_model_name_tag
 
-from . import hub
-from .bconv_cell import bconv_cells
-from .ptl_net import PTLNet
+from .deploy import EXPORT_FORMATS, deploy_checkpoint
+from .hub import HubError
+from .hub.io import export_checkpoint, load_model, push_folder
+from .hub.manifest import load_manifest
+from .hub.model_card import manifest_table, replace_manifest_table, write_zoo
+from .launch import SCRIPT_NAMES, SCRIPTS_ENV, resolve_script, run_script
+from .layers import bconv_cells
+from .models import PTLNet
+from .reid.extract import FeatureExtractor, list_images
 
-__all__ = ['main', 'build_parser']
+__all__ = ['main', 'build_parser', 'ModelKwargs']
 
-
-def _parse_kwargs(items: Optional[List[str]]) -> Dict[str, Any]:
-    """``k=v`` pairs, values read as JSON when they parse (``cell_widths=[8,16]``, ``img_size=64``)."""
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise ValueError(f'--model-kwargs expects key=value pairs, got {item!r}.')
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
+# library arguments -> the flags that set them, named after an error that mentions the argument
+_FLAGS = dict(model_name='--model', use_ema='--ema', model_kwargs='--model-kwargs',
+              export_checkpoint='ptl-timm export CHECKPOINT DIR')
 
 
+class ModelKwargs(argparse.Action):
+    """``K=V ...`` into a dict, values read as timm's train.py reads ``--model-kwargs`` (a Python literal, else the
+    text): ``img_size=64 cell_norm=True cell_widths=[8,16,32,64,128] state_mode=carried``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
+        kwargs: Dict[str, Any] = {}
+        for item in values:
+            key, sep, value = item.partition('=')
+            if not sep or not key:
+                parser.error(f'{option_string} expects key=value pairs, got {item!r}')
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
+
+
+def _img_size(values: Optional[List[int]]) -> Optional[Union[int, Tuple[int, int]]]:
+    """``--img-size S`` (square) or ``--img-size H W``."""
+    if not values:
+        return None
+    if len(values) > 2 or min(values) < 1:
+        raise ValueError(f'--img-size takes one size or a height and a width, got {values}.')
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def _add_model_flags(p: argparse.ArgumentParser, model_help: str, required: bool = False) -> None:
+    p.add_argument('--model', required=required, help=model_help)
+    p.add_argument('--ema', action='store_true', help="the EMA weights of a train.py checkpoint ('state_dict_ema')")
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='K=V',
+                   help='model arguments as train.py reads them, e.g. img_size=64 state_mode=carried '
+                        "(img_size is the model's nominal size: the grid of the cells' state)")
+
+
+def _add_img_size(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument('--img-size', type=int, nargs='+', metavar=('H', 'W'), help=f'{what}: one size or H W')
+
+
+# --- commands ---------------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> None:
-    manifest = hub.load_manifest()
+    manifest = load_manifest()
     for model_name in timm.list_models(args.pattern or 'ptl_*'):
         if not model_name.startswith('ptl_'):
             continue
@@ -83,13 +127,12 @@ def _stages(model: PTLNet) -> List[Dict[str, Any]]:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    kwargs = _parse_kwargs(args.model_kwargs)
-    model = hub.load_model(args.name, pretrained=args.pretrained, **kwargs)
+    model = load_model(args.name, pretrained=args.pretrained, **args.model_kwargs)
     if not isinstance(model, PTLNet):
         raise ValueError(f'{args.name} is a {type(model).__name__}, not a PTL model (ptl_*).')
     total, backbone = _param_count(model), _param_count(model.backbone)
     cfg = model.pretrained_cfg
-    full_ptl = parse_model_name(args.name)[0] is not None or args.name in hub.load_manifest()
+    full_ptl = parse_model_name(args.name)[0] is not None or args.name in load_manifest()
     weights = 'full PTL (backbone, cells, head, latent state)' if full_ptl else 'backbone only (cells, head fresh)'
     info = dict(
         name=args.name, architecture=cfg.get('architecture'), backbone=model.backbone_name,
@@ -124,13 +167,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    data = {}
-    if args.img_size:
-        data['img_size'] = args.img_size
+    img_size = _img_size(args.img_size)
     labels = Path(args.label_names).read_text().split() if args.label_names else None
-    summary = hub.export_checkpoint(
-        args.checkpoint, args.directory, model_name=args.model, use_ema=args.ema,
-        model_kwargs=_parse_kwargs(args.model_kwargs), data_config=data, label_names=labels, repo_id=args.repo_id,
+    summary = export_checkpoint(
+        args.checkpoint, args.directory, model_name=args.model, use_ema=args.ema, model_kwargs=args.model_kwargs,
+        data_config=dict(img_size=img_size) if img_size else None, label_names=labels, repo_id=args.repo_id,
         license=args.license)
     print(f'Exported {summary["model"]} ({summary["weights"]}) to {summary["directory"]}; '
           'verified: timm.create_model(local-dir:) gives bit-identical eval outputs.')
@@ -140,25 +181,41 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    url = hub.push_folder(args.directory, args.repo_id, private=args.private, commit_message=args.message)
+    url = push_folder(args.directory, args.repo_id, private=args.private, commit_message=args.message)
     print(f'Pushed {args.directory} to {args.repo_id}: {url}')
     print(f"Load it with: timm.create_model('hf-hub:{args.repo_id}', pretrained=True) after `import ptl_timm`.")
 
 
-TABLE_MARKERS = ('<!-- manifest-table -->\n', '<!-- /manifest-table -->')
+def cmd_deploy(args: argparse.Namespace) -> None:
+    summary = deploy_checkpoint(
+        args.checkpoint, args.output, fmt=args.format, model_name=args.model, use_ema=args.ema,
+        model_kwargs=args.model_kwargs, img_size=_img_size(args.img_size), check=not args.no_check)
+    print(f'Exported {summary["model"]} ({summary["input_size"]}, dynamic batch) to {summary["path"]}')
+    if summary['max_abs_difference'] is not None:
+        print(f'Checked against PyTorch eval at batch sizes 1 and 3: max abs difference '
+              f'{summary["max_abs_difference"]:.3g}')
 
 
-def replace_manifest_table(path: Path, table: str) -> None:
-    """Replace the text between the manifest-table markers of ``path`` with ``table``."""
-    text = path.read_text()
-    start, end = (text.find(m) for m in TABLE_MARKERS)
-    if start < 0 or end < start:
-        raise ValueError(f'{path} has no {TABLE_MARKERS[0].strip()} ... {TABLE_MARKERS[1]} block.')
-    path.write_text(text[:start + len(TABLE_MARKERS[0])] + table + text[end:])
+def cmd_run(args: argparse.Namespace) -> None:
+    script = resolve_script(args.script, args.scripts_dir)
+    run_script(script, args.script_args[1:] if args.script_args[:1] == ['--'] else args.script_args)
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    files = list_images(args.folder)
+    extractor = FeatureExtractor(
+        args.model, checkpoint=args.checkpoint, use_ema=args.ema, pretrained=args.pretrained,
+        image_size=_img_size(args.img_size), batch_size=args.batch_size,
+        device=args.device, flip=args.flip, normalize=args.normalize, **args.model_kwargs)
+    feats = extractor(files).numpy()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.output, feats)
+    args.output.with_suffix('.txt').write_text(''.join(f'{p.relative_to(args.folder)}\n' for p in files))
+    print(f'{len(files)} images -> {args.output} {feats.shape}, paths in {args.output.with_suffix(".txt")}')
 
 
 def cmd_manifest_table(args: argparse.Namespace) -> None:
-    table = hub.manifest_table(args.manifest)
+    table = manifest_table(args.manifest)
     if not args.update:
         sys.stdout.write(table)
         return
@@ -168,17 +225,14 @@ def cmd_manifest_table(args: argparse.Namespace) -> None:
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:
-    stale = hub.write_zoo(args.manifest, check=args.check)
+    stale = write_zoo(args.manifest, check=args.check)
     if args.check and stale:
-        raise ValueError(f'Out of date with the manifest: {", ".join(map(str, stale))}. Run: python -m ptl_timm zoo')
-    print(f'{"Checked" if args.check else "Wrote"} the model cards of {len(hub.load_manifest(args.manifest))} '
+        raise ValueError(f'Out of date with the manifest: {", ".join(map(str, stale))}. Run: ptl-timm zoo')
+    print(f'{"Checked" if args.check else "Wrote"} the model cards of {len(load_manifest(args.manifest))} '
           f'manifest entries' + (f' ({len(stale)} updated)' if stale and not args.check else '') + '.')
 
 
-_LOG_HANDLER = logging.StreamHandler()
-_LOG_HANDLER.setFormatter(logging.Formatter('%(message)s'))
-
-
+# --- parser -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='ptl-timm', description='Progressive Transfer Learning models for timm.')
     parser.add_argument('-v', '--verbose', action='store_true', help='log timm / ptl_timm info messages')
@@ -192,18 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('info', help='config, parameters, stages and cell widths of a model')
     p.add_argument('name', help='ptl_resnet50, ptl_resnet50.a1_in1k, hf-hub:ORG/NAME or local-dir:PATH')
     p.add_argument('--pretrained', action='store_true', help='also load the weights (checks they are usable)')
-    p.add_argument('--model-kwargs', nargs='*', metavar='K=V', help='model arguments, e.g. num_classes=10')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='K=V',
+                   help='model arguments as train.py reads them, e.g. num_classes=10 img_size=64')
     p.add_argument('--json', action='store_true', help='print JSON')
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser('export', help='a checkpoint to a Hub-ready folder (model.safetensors, config.json, README)')
-    p.add_argument('checkpoint', help="train.py checkpoint (.pth.tar), a state_dict (.pth) or .safetensors")
+    p.add_argument('checkpoint', help='train.py checkpoint (.pth.tar), a state_dict (.pth) or .safetensors')
     p.add_argument('directory', help='output folder')
-    p.add_argument('--model', help="ptl_* model name (default: the checkpoint's 'arch')")
-    p.add_argument('--ema', action='store_true', help="export the EMA weights ('state_dict_ema')")
-    p.add_argument('--model-kwargs', nargs='*', metavar='K=V', help='model arguments the checkpoint was trained '
-                   'with, when it does not store them (e.g. img_size=64 state_mode=carried)')
-    p.add_argument('--img-size', type=int, help='input size of the preprocessing recorded in config.json')
+    _add_model_flags(p, "ptl_* model name (default: the checkpoint's 'arch')")
+    _add_img_size(p, 'input size of the preprocessing recorded in config.json')
     p.add_argument('--label-names', help='text file, one class name per line')
     p.add_argument('--repo-id', help='Hub repo the folder is meant for (used in the model card)')
     p.add_argument('--license', help="licence id of the weights (default: the backbone weights' licence)")
@@ -216,7 +268,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--message', default='Add PTL checkpoint', help='commit message')
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser('manifest-table', help="print the README's table of weights/manifest.json")
+    p = sub.add_parser('deploy', help='a checkpoint to ONNX, torch.export or TorchScript, the latent state baked in')
+    p.add_argument('checkpoint', help='train.py checkpoint (.pth.tar), a state_dict (.pth) or .safetensors')
+    p.add_argument('output', help='file to write: .onnx, .pt2 (torch.export) or .pt (TorchScript)')
+    _add_model_flags(p, "ptl_* model name (default: the checkpoint's 'arch')")
+    _add_img_size(p, "input size of the exported graph (default: train.py's, else the model's data config)")
+    p.add_argument('--format', choices=list(EXPORT_FORMATS), help='default: from the output suffix')
+    p.add_argument('--no-check', action='store_true', help='skip the comparison with the PyTorch model')
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser('run', help="timm's train.py / validate.py / inference.py with the ptl_* models registered",
+                       description='Everything after SCRIPT (an optional -- first) goes to the script.')
+    p.add_argument('--scripts-dir', metavar='DIR', help=f"folder of timm's scripts (default: ${SCRIPTS_ENV})")
+    p.add_argument('script', help=f'{" | ".join(SCRIPT_NAMES)} or a path to a .py script')
+    p.add_argument('script_args', nargs=argparse.REMAINDER, help='arguments of the script')
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser('extract', help='embed every image of a folder with a ReID model (.npy + the paths in .txt)')
+    p.add_argument('folder', type=Path)
+    p.add_argument('output', type=Path, help='.npy file to write')
+    _add_model_flags(p, 'registered model name, e.g. reid_ptl_resnet50', required=True)
+    p.add_argument('--checkpoint', type=Path, help='trained weights to load')
+    p.add_argument('--pretrained', action='store_true', help="load the model's pretrained (backbone) weights")
+    _add_img_size(p, "size the images are resized to (default: the model's data config)")
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--flip', action='store_true', help='average with the mirrored image')
+    p.add_argument('--normalize', action='store_true', help='L2-normalise the embeddings')
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser('manifest-table', help="print the docs' table of weights/manifest.json")
     p.add_argument('--manifest', type=Path, help='manifest path (default: weights/manifest.json)')
     p.add_argument('--update', type=Path, nargs='+', metavar='MARKDOWN',
                    help='replace the table between <!-- manifest-table --> markers in these files')
@@ -229,20 +310,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _cli_message(error: Exception) -> str:
+    """The library's error, with the flags that set the arguments it names."""
+    message = str(error)
+    flags = [f'{flag} for {arg}' for arg, flag in _FLAGS.items() if arg in message]
+    return message + (f' (on the command line: {"; ".join(flags)})' if flags else '')
+
+
+_LOG_HANDLER = logging.StreamHandler()
+_LOG_HANDLER.setFormatter(logging.Formatter('%(message)s'))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ('ptl_timm', 'timm'):  # not the root logger: huggingface_hub prints through its own handler
+        if args.command == 'run':  # timm's scripts set up their own logging
+            break
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
         if _LOG_HANDLER not in logger.handlers:  # main() may run several times in one process (tests)
             logger.addHandler(_LOG_HANDLER)
     try:
         args.func(args)
-    except (hub.HubError, ValueError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (HubError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f'error: {_cli_message(e)}', file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -2,28 +2,27 @@
 
 timm's ``train.py`` imports the modules named by ``--device-modules`` before it creates the model, so
 ``python train.py --device-modules ptl_timm ...`` needs nothing else. ``validate.py`` and ``inference.py``
-have no such flag; this launcher imports ``ptl_timm`` and then runs the script unchanged, as ``python
-script.py`` would (``__name__ == '__main__'``, ``sys.argv``, the script's folder first on ``sys.path``)::
+have no such flag; :func:`run_script` imports ``ptl_timm`` and then runs the script unchanged, as ``python
+script.py`` would (``__name__ == '__main__'``, ``sys.argv``, the script's folder first on ``sys.path``). On the
+command line::
 
-    python -m ptl_timm.launch validate --model ptl_resnet50 --checkpoint model_best.pth.tar ...
-    python -m ptl_timm.launch /path/to/pytorch-image-models/inference.py --model ptl_resnet50 ...
-    torchrun --nproc_per_node=4 -m ptl_timm.launch train --model ptl_resnet50 ...
+    ptl-timm run validate --model ptl_resnet50 --checkpoint model_best.pth.tar ...
+    ptl-timm run /path/to/pytorch-image-models/inference.py --model ptl_resnet50 ...
+    torchrun --nproc_per_node=4 -m ptl_timm run train --model ptl_resnet50 ...
 
 The script is a path to a ``.py`` file, or one of ``train``, ``validate``, ``inference`` looked up in
-``--scripts-dir`` or ``$PTL_TIMM_SCRIPTS``: a checkout of huggingface/pytorch-image-models at the tag of the
-installed timm (the scripts are not in the timm wheel). Every argument after the script (an optional
-``--`` first) goes to the script.
+``scripts_dir`` or ``$PTL_TIMM_SCRIPTS``: a checkout of huggingface/pytorch-image-models at the tag of the
+installed timm (the scripts are not in the timm wheel).
 """
-import argparse
 import os
 import runpy
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import timm
 
-__all__ = ['SCRIPT_NAMES', 'SCRIPTS_ENV', 'resolve_script', 'run_script', 'main']
+__all__ = ['SCRIPT_NAMES', 'SCRIPTS_ENV', 'resolve_script', 'run_script']
 
 SCRIPT_NAMES = ('train', 'validate', 'inference')
 SCRIPTS_ENV = 'PTL_TIMM_SCRIPTS'
@@ -43,7 +42,7 @@ def resolve_script(script: str, scripts_dir: Optional[str] = None) -> Path:
         folder = scripts_dir or os.environ.get(SCRIPTS_ENV)
         if not folder:
             raise FileNotFoundError(
-                f'Where is timm\'s {script}.py? Pass --scripts-dir DIR or set ${SCRIPTS_ENV} to a checkout of '
+                f'Where is timm\'s {script}.py? Set ${SCRIPTS_ENV} (or scripts_dir) to a checkout of '
                 f'pytorch-image-models, or give the path to the script. To get them: {_clone_hint()}')
         path = Path(folder).expanduser() / f'{script}.py'
     else:
@@ -56,32 +55,8 @@ def resolve_script(script: str, scripts_dir: Optional[str] = None) -> Path:
 
 
 def run_script(script: Path, argv: Sequence[str]) -> None:
-    """Import ptl_timm (registering the ptl_* models), then run ``script`` as ``python script argv...`` would."""
-    import ptl_timm  # noqa: F401  (the import registers the models; imported here so --help stays light)
-
+    """Run ``script`` as ``python script argv...`` would, with the ptl_* models registered (importing this module
+    imported ptl_timm)."""
     sys.argv = [str(script), *argv]
     sys.path.insert(0, str(script.parent))
     runpy.run_path(str(script), run_name='__main__')
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog='python -m ptl_timm.launch',
-        description='Run timm\'s train.py / validate.py / inference.py with the ptl_* models registered.',
-        epilog=f'Example: python -m ptl_timm.launch validate --model ptl_resnet50 --checkpoint model_best.pth.tar '
-               f'--data-dir DATA (with ${SCRIPTS_ENV} set).')
-    parser.add_argument('--scripts-dir', default=None, metavar='DIR',
-                        help=f'folder holding timm\'s scripts (default: ${SCRIPTS_ENV})')
-    parser.add_argument('script', help=f'{" | ".join(SCRIPT_NAMES)} or a path to a .py script')
-    parser.add_argument('script_args', nargs=argparse.REMAINDER, help='arguments for the script')
-    args = parser.parse_args(argv)
-    script_args = args.script_args[1:] if args.script_args[:1] == ['--'] else args.script_args
-    try:
-        script = resolve_script(args.script, args.scripts_dir)
-    except FileNotFoundError as e:
-        parser.error(str(e))
-    run_script(script, script_args)
-
-
-if __name__ == '__main__':
-    main()

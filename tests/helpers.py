@@ -1,6 +1,8 @@
-"""Helpers shared by test modules: real Animal-MNIST batches, a train.py-format checkpoint, subprocess env."""
+"""Helpers shared by test modules: real Animal-MNIST batches, a train.py-format checkpoint, a Hub cache, subprocess
+env."""
 import argparse
 import functools
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import CheckpointSaver, ModelEmaV3
 
-from ptl_timm.data import load_animal_mnist
+from ptl_timm.offline.datasets import load_animal_mnist, to_model_input
 
 
 def repo_on_pythonpath(env: Dict[str, str]) -> Dict[str, str]:
@@ -26,11 +28,8 @@ def _animal_mnist():
 def animal_batch(start: int, n: int, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """n real Animal-MNIST images (B, 3, size, size), ImageNet-normalised, and their labels (B,)."""
     images, labels = _animal_mnist()
-    x = torch.from_numpy(images[start:start + n]).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
-    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
-    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
-    return (x - mean) / std, torch.from_numpy(labels[start:start + n])
+    x = to_model_input(images[start:start + n], size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return x, torch.from_numpy(labels[start:start + n])
 
 
 def train_and_save(
@@ -61,3 +60,24 @@ def train_and_save(
     CheckpointSaver(model, optimizer, args=args, model_ema=ema, checkpoint_dir=str(root), recovery_dir=str(root),
                     max_history=1).save_checkpoint(0, metric=0.0)
     return ema
+
+
+def place_in_hf_cache(folder: Path, repo_id: str, cache: Path) -> Path:
+    """Lay ``folder`` out as huggingface_hub's cache does after a download of ``repo_id``: blobs named by
+    their etag (sha256 for LFS files, git blob sha1 for small ones), snapshots/<commit>/ symlinks, refs/main."""
+    repo = cache / f'models--{repo_id.replace("/", "--")}'
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True)
+    (repo / 'blobs').mkdir()
+    for file in sorted(folder.iterdir()):
+        data = file.read_bytes()
+        if file.suffix == '.safetensors':
+            etag = hashlib.sha256(data).hexdigest()
+        else:
+            etag = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
+        (repo / 'blobs' / etag).write_bytes(data)
+        (snapshot / file.name).symlink_to(Path('..') / '..' / 'blobs' / etag)
+    (repo / 'refs').mkdir()
+    (repo / 'refs' / 'main').write_text(commit)
+    return repo

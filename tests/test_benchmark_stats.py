@@ -1,4 +1,5 @@
-"""The statistics behind the README's benchmark claims (benchmarks/common.py), against hand computations."""
+"""What the benchmarks record and compute (benchmarks/common.py): the environment of a result, and the statistics
+behind the documented claims, against hand computations."""
 import math
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from common import mean_of_means_ci95, t_ci95  # noqa: E402
+from common import environment, mean_of_means_ci95, t_ci95  # noqa: E402
 
 
 def test_t_interval_of_a_mean():
@@ -25,3 +26,15 @@ def test_mean_of_means_uses_the_standard_errors_and_welch_degrees_of_freedom():
     assert mean == 3.0
     assert hi - mean == pytest.approx(4.303 * math.sqrt(sum(se2)) / 2)
     assert math.isnan(mean_of_means_ci95([[1.0]])[0])
+
+
+def test_results_record_the_cpu_and_its_vector_extensions():
+    """The kernels torch picks for a CPU's vector extensions change a result's last digits (an AVX-512 machine
+    and an AVX2 one do not give the same accuracies): every result names them."""
+    import torch
+
+    env = environment()
+    assert env['cpu'] and env['torch_cpu_capability'] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(env['cpu_flags'], list) and all(isinstance(f, str) for f in env['cpu_flags'])
+    if Path('/proc/cpuinfo').is_file() and ' avx2 ' in f' {Path("/proc/cpuinfo").read_text()} ':
+        assert 'avx2' in env['cpu_flags']

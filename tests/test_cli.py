@@ -1,5 +1,6 @@
 """The ``python -m ptl_timm`` command line, end to end in subprocesses: list, info, export, push, and the
 errors (one line, no traceback, exit status 2)."""
+import argparse
 import os
 import subprocess
 import sys
@@ -12,7 +13,11 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
 
 import ptl_timm  # noqa: F401
-from ptl_timm import cli, hub
+from ptl_timm import cli
+from ptl_timm.hub.checkpoint import file_sha256
+from ptl_timm.hub.io import export_checkpoint
+from ptl_timm.hub.manifest import load_manifest
+from ptl_timm.hub.model_card import manifest_table
 
 SIZE = 32
 
@@ -55,7 +60,7 @@ def checkpoint(tmp_path_factory):
 def export_folder(checkpoint):
     """The EMA weights of ``checkpoint`` exported in process (the CLI's own export is tested end to end below)."""
     out = checkpoint['root'] / 'export'
-    hub.export_checkpoint(checkpoint['path'], out, use_ema=True)
+    export_checkpoint(checkpoint['path'], out, use_ema=True)
     return out
 
 
@@ -65,7 +70,7 @@ def test_list_shows_models_backbone_tags_and_manifest_checkpoints(env):
     lines = result.stdout.splitlines()
     for name in timm.list_models('ptl_*'):
         assert any(line.startswith(name + ' ') for line in lines), name
-    for name, entry in hub.load_manifest().items():
+    for name, entry in load_manifest().items():
         assert any(name in line and entry['status'] in line and entry['hf_hub_id'] in line for line in lines)
 
 
@@ -89,7 +94,7 @@ def test_export_ema_end_to_end_then_push_fails_cleanly_offline(env, checkpoint, 
     assert result.returncode == 0, result.stderr
     assert 'state_dict_ema' in result.stdout and 'bit-identical' in result.stdout
     for name in ('model.safetensors', 'config.json', 'README.md'):
-        assert f'{name}  sha256 {hub.file_sha256(out / name)}' in result.stdout
+        assert f'{name}  sha256 {file_sha256(out / name)}' in result.stdout
     weights = load_file(str(out / 'model.safetensors'))
     assert all(torch.equal(weights[k], v) for k, v in checkpoint['ema'].state_dict().items())
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
@@ -122,7 +127,7 @@ def test_errors_are_one_line_with_exit_status_2(checkpoint, export_folder, offli
     status, err = in_process(capsys, 'export', truncated, tmp_path / 'o')
     assert status == 2 and 'truncated' in err
     status, err = in_process(capsys, 'push', tmp_path, 'someone/x')
-    assert status == 2 and 'model.safetensors' in err and 'python -m ptl_timm export' in err
+    assert status == 2 and 'model.safetensors' in err and 'ptl-timm export' in err
     # online mode but no token: refused before any network call
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
     monkeypatch.setattr(hf_constants, 'HF_TOKEN_PATH', str(tmp_path / 'no-token'))
@@ -134,10 +139,29 @@ def test_errors_are_one_line_with_exit_status_2(checkpoint, export_folder, offli
 
 def test_manifest_table_and_zoo_check(capsys, tmp_path):
     assert cli.main(['manifest-table']) == 0
-    assert capsys.readouterr().out == hub.manifest_table()
+    assert capsys.readouterr().out == manifest_table()
     assert cli.main(['zoo', '--check']) == 0
     doc = tmp_path / 'doc.md'
     doc.write_text('before\n<!-- manifest-table -->\nold table\n<!-- /manifest-table -->\nafter\n')
     assert cli.main(['manifest-table', '--update', str(doc)]) == 0
-    table = f'<!-- manifest-table -->\n{hub.manifest_table()}<!-- /manifest-table -->'
+    table = f'<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->'
     assert doc.read_text() == f'before\n{table}\nafter\n'
+
+
+def test_one_meaning_per_flag_across_commands():
+    """--model-kwargs reads values as train.py does (Python literals, else text) in every command; --ema and
+    --img-size H [W] are the same flags wherever they appear."""
+    parser = cli.build_parser()
+    args = parser.parse_args(['info', 'ptl_resnet18', '--model-kwargs', 'cell_norm=True', 'img_size=64',
+                              'cell_widths=[8,8,16,32,64]', 'state_mode=carried', 'drop_rate=0.1'])
+    assert args.model_kwargs == dict(cell_norm=True, img_size=64, cell_widths=[8, 8, 16, 32, 64],
+                                     state_mode='carried', drop_rate=0.1)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {name: {opt: a for a in p._actions for opt in a.option_strings} for name, p in subparsers.items()}
+    for command in ('export', 'deploy', 'extract'):
+        assert isinstance(flags[command]['--model-kwargs'], cli.ModelKwargs), command
+        assert flags[command]['--ema'].const is True and flags[command]['--img-size'].nargs == '+', command
+    assert isinstance(flags['info']['--model-kwargs'], cli.ModelKwargs)
+    assert not any(opt == '--use-ema' for command in flags.values() for opt in command)
+    with pytest.raises(SystemExit):
+        parser.parse_args(['info', 'ptl_resnet18', '--model-kwargs', 'no_value'])

@@ -4,11 +4,11 @@ import gzip
 import numpy as np
 import pytest
 
-from ptl_timm import data
+from ptl_timm.offline import datasets as data
 
 
 def _has_fashion() -> bool:
-    return (data.FASHION_MNIST_DIR / 't10k-labels-idx1-ubyte.gz').is_file()
+    return (data.fashion_mnist_dir() / 't10k-labels-idx1-ubyte.gz').is_file()
 
 
 def test_animal_mnist_real_files():
@@ -18,7 +18,8 @@ def test_animal_mnist_real_files():
     assert images.std() > 10  # real pictures, not a blank array
 
 
-@pytest.mark.skipif(not _has_fashion(), reason='apt-get install dataset-fashion-mnist')
+@pytest.mark.skipif(not _has_fashion(), reason='Fashion-MNIST is not installed: bash tests/run.sh unpacks '
+                    'Debian\'s dataset-fashion-mnist where apt-get exists (docs/offline.md)')
 def test_fashion_mnist_real_files():
     images, labels = data.load_fashion_mnist('test')
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
@@ -27,7 +28,7 @@ def test_fashion_mnist_real_files():
 
 
 def test_fashion_mnist_missing_names_the_package(tmp_path):
-    with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
+    with pytest.raises(FileNotFoundError, match='apt-get download dataset-fashion-mnist'):
         data.load_fashion_mnist('train', root=tmp_path)
     with pytest.raises(ValueError, match="'train' or 'test'"):
         data.load_fashion_mnist('val', root=tmp_path)

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from ptl_timm import bconv_cells
-from ptl_timm.export import (
+from ptl_timm.cli import main
+from ptl_timm.deploy import (
     check_export,
     example_input,
     export_model,
     export_onnx,
     load_exported,
-    main,
     prepare_for_export,
 )
 
@@ -94,7 +94,7 @@ def test_export_uses_a_frozen_copy_and_leaves_the_model_alone(trained, program):
 
 def test_export_warns_about_an_untrained_state(caplog):
     model = timm.create_model(MODEL, num_classes=NUM_CLASSES, img_size=SIZE)
-    with caplog.at_level(logging.WARNING, logger='ptl_timm.export'):
+    with caplog.at_level(logging.WARNING, logger='ptl_timm.deploy'):
         prepare_for_export(model)
     assert 'all-zero initial state' in caplog.text
 
@@ -116,22 +116,22 @@ def test_cli_exports_the_ema_weights_of_a_train_py_checkpoint(trained, tmp_path)
     # the layout timm's CheckpointSaver writes (tests/test_training_api.py checks it with the saver itself)
     torch.save({'epoch': 1, 'state_dict': trained.state_dict(), 'state_dict_ema': ema.state_dict()}, checkpoint)
     out = tmp_path / 'model.pt'
-    main(['--model', MODEL, '--num-classes', str(NUM_CLASSES), '--model-kwargs', f'img_size={SIZE}',
-          '--checkpoint', str(checkpoint), '--use-ema', '--img-size', str(SIZE), '--output', str(out)])
+    assert main(['deploy', str(checkpoint), str(out), '--model', MODEL, '--ema', '--img-size', str(SIZE),
+                 '--model-kwargs', f'num_classes={NUM_CLASSES}', f'img_size={SIZE}']) == 0
     x = example_input(ema, INPUT_SIZE, batch_size=2)
     with torch.no_grad():
         torch.testing.assert_close(load_exported(out)(x), prepare_for_export(ema)(x), rtol=1e-5, atol=1e-6)
 
 
 def test_cli_rebuilds_the_model_a_train_py_checkpoint_describes_and_rejects_bad_files(trained, tmp_path, capsys):
-    """train.py's CheckpointSaver stores ``arch`` and its args: no --model, --num-classes or --model-kwargs needed.
-    Bad files give one ``error:`` line and exit status 2."""
+    """train.py's CheckpointSaver stores ``arch`` and its args: no --model or --model-kwargs needed. Bad files give
+    one ``error:`` line and exit status 2."""
     checkpoint = tmp_path / 'last.pth.tar'
     train_args = argparse.Namespace(model=MODEL, model_kwargs=dict(img_size=SIZE), img_size=SIZE, input_size=None,
                                     in_chans=None, gp=None)
     torch.save({'arch': MODEL, 'args': train_args, 'epoch': 3, 'state_dict': trained.state_dict()}, checkpoint)
     out = tmp_path / 'model.pt2'
-    assert main(['--checkpoint', str(checkpoint), '--output', str(out)]) == 0
+    assert main(['deploy', str(checkpoint), str(out)]) == 0
     x = example_input(trained, INPUT_SIZE, batch_size=2)
     with torch.no_grad():
         torch.testing.assert_close(load_exported(out)(x), prepare_for_export(trained)(x), rtol=1e-5, atol=1e-6)
@@ -142,11 +142,14 @@ def test_cli_rebuilds_the_model_a_train_py_checkpoint_describes_and_rejects_bad_
     other_size = tmp_path / 'resnet.pth.tar'
     torch.save({'arch': 'ptl_resnet34', 'state_dict': trained.state_dict()}, other_size)
     for argv, needle in [
-        (['--checkpoint', str(truncated)], 'truncated'),
-        (['--checkpoint', str(other_size)], 'layer'),  # resnet34 has more blocks: the missing keys are named
-        (['--checkpoint', str(checkpoint), '--use-ema'], 'state_dict_ema'),
-        ([], '--checkpoint'),
+        ([str(truncated)], 'truncated'),
+        ([str(other_size)], 'layer'),  # resnet34 has more blocks: the missing keys are named
+        ([str(checkpoint), '--ema'], 'state_dict_ema'),
+        ([str(tmp_path / 'missing.pth.tar')], 'missing.pth.tar'),
     ]:
-        assert main([*argv, '--output', str(tmp_path / 'x.pt2')]) == 2, argv
+        assert main(['deploy', argv[0], str(tmp_path / 'x.pt2'), *argv[1:]]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith('error: ') and needle in err and 'Traceback' not in err, (argv, err)
+    # an error that names a library argument names its flag too
+    main(['deploy', str(checkpoint), str(tmp_path / 'x.pt2'), '--ema'])
+    assert '--ema for use_ema' in capsys.readouterr().err

@@ -5,49 +5,35 @@ import json
 import logging
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from helpers import animal_batch, train_and_save
+from helpers import animal_batch, place_in_hf_cache, train_and_save
+from huggingface_hub import constants as hf_constants
 from huggingface_hub import scan_cache_dir
 from safetensors.torch import load_file, save_file
 from timm.models import get_pretrained_cfg
 
 import ptl_timm  # noqa: F401
-from ptl_timm import bconv_cells, hub
+from ptl_timm import bconv_cells
+from ptl_timm.hub import HubError
+from ptl_timm.hub.checkpoint import file_sha256
+from ptl_timm.hub.io import export_checkpoint, load_model, save_pretrained
+from ptl_timm.hub.manifest import MANIFEST_PATH, load_manifest
+from ptl_timm.hub.model_card import manifest_table, render_zoo
 
-TAG = next(iter(hub.load_manifest()), None)
+TAG = next(iter(load_manifest()), None)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def place_in_hf_cache(folder: Path, repo_id: str, cache: Path) -> Path:
-    """Lay ``folder`` out as huggingface_hub's cache does after a download of ``repo_id``: blobs named by
-    their etag (sha256 for LFS files, git blob sha1 for small ones), snapshots/<commit>/ symlinks, refs/main."""
-    repo = cache / f'models--{repo_id.replace("/", "--")}'
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True)
-    (repo / 'blobs').mkdir()
-    for file in sorted(folder.iterdir()):
-        data = file.read_bytes()
-        if file.suffix == '.safetensors':
-            etag = hashlib.sha256(data).hexdigest()
-        else:
-            etag = hashlib.sha1(b'blob %d\0' % len(data) + data).hexdigest()
-        (repo / 'blobs' / etag).write_bytes(data)
-        (snapshot / file.name).symlink_to(Path('..') / '..' / 'blobs' / etag)
-    (repo / 'refs').mkdir()
-    (repo / 'refs' / 'main').write_text(commit)
-    return repo
 
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
     """The manifest tag's architecture and model_args, fine-tuned a few steps on real images with EMA, saved
     by timm's CheckpointSaver (train.py's format) and exported. The latent state is non-trivial."""
-    entry = hub.load_manifest()[TAG]
+    entry = load_manifest()[TAG]
     arch, model_args = entry['config']['architecture'], dict(entry['config']['model_args'])
     size = model_args['img_size'][0]
     torch.manual_seed(0)
@@ -55,7 +41,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp('export')
     ema = train_and_save(model, arch, dict(img_size=size), root, momentum=0.9)
     checkpoint = root / 'last.pth.tar'
-    summary = hub.export_checkpoint(checkpoint, root / 'folder', repo_id=entry['hf_hub_id'])
+    summary = export_checkpoint(checkpoint, root / 'folder', repo_id=entry['hf_hub_id'])
     x_eval, _ = animal_batch(1000, 8, size)
     with torch.no_grad():
         expected = model.eval()(x_eval)
@@ -77,7 +63,7 @@ def test_export_writes_hub_folder_with_ptl_model_args_and_nontrivial_state(expor
     assert states and all(weights[k].abs().sum() > 0 for k in states), 'training left the latent state at zero'
     assert any(k.endswith('.state_frozen') for k in weights)
     for name, digest in exported['summary']['files'].items():
-        assert hub.file_sha256(folder / name) == digest
+        assert file_sha256(folder / name) == digest
     assert exported['summary']['weights'] == 'state_dict'
     card = (folder / 'README.md').read_text()
     assert f"hf-hub:{exported['entry']['hf_hub_id']}" in card and 'import ptl_timm' in card
@@ -126,7 +112,7 @@ def test_backbone_only_start_logs_fresh_ptl_tensors_full_ptl_start_does_not(expo
 
 
 def test_export_ema_bare_state_dict_and_safetensors(exported, tmp_path):
-    summary = hub.export_checkpoint(exported['checkpoint'], tmp_path / 'ema', use_ema=True)
+    summary = export_checkpoint(exported['checkpoint'], tmp_path / 'ema', use_ema=True)
     assert summary['weights'] == 'state_dict_ema'
     ema_weights = load_file(str(tmp_path / 'ema' / 'model.safetensors'))
     assert all(torch.equal(ema_weights[k], v) for k, v in exported['ema'].state_dict().items())
@@ -138,15 +124,15 @@ def test_export_ema_bare_state_dict_and_safetensors(exported, tmp_path):
     safe = tmp_path / 'weights.safetensors'
     save_file(exported['model'].state_dict(), str(safe))
     for source in (bare, safe):
-        with pytest.raises(hub.HubError, match='pass --model'):
-            hub.export_checkpoint(source, tmp_path / 'x')
+        with pytest.raises(HubError, match='pass model_name'):
+            export_checkpoint(source, tmp_path / 'x')
         out = tmp_path / source.stem
-        hub.export_checkpoint(source, out, model_name=arch, model_kwargs=dict(img_size=size))
+        export_checkpoint(source, out, model_name=arch, model_kwargs=dict(img_size=size))
         loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
         with torch.no_grad():
             assert torch.equal(loaded(exported['x']), exported['expected'])
-    with pytest.raises(hub.HubError, match='no EMA weights'):
-        hub.export_checkpoint(bare, tmp_path / 'y', model_name=arch, use_ema=True)
+    with pytest.raises(HubError, match='no EMA weights'):
+        export_checkpoint(bare, tmp_path / 'y', model_name=arch, use_ema=True)
 
 
 def test_cell_norm_is_part_of_the_exported_model_args(tmp_path):
@@ -154,7 +140,7 @@ def test_cell_norm_is_part_of_the_exported_model_args(tmp_path):
     model = timm.create_model('ptl_resnet18', num_classes=3, img_size=64, cell_norm=True)
     x, _ = animal_batch(0, 8, 64)
     model.train()(x)  # moves the running statistics of the cell norm off their initial values
-    hub.save_pretrained(model, tmp_path / 'normed')
+    save_pretrained(model, tmp_path / 'normed')
     assert json.loads((tmp_path / 'normed' / 'config.json').read_text())['model_args']['cell_norm'] is True
     loaded = timm.create_model(f"local-dir:{tmp_path / 'normed'}", pretrained=True).eval()
     with torch.no_grad():
@@ -166,28 +152,68 @@ def test_export_refuses_wrong_settings_and_plain_backbone(exported, tmp_path):
     safe = tmp_path / 'weights.safetensors'
     save_file(exported['model'].state_dict(), str(safe))
     # img_size gives the state grid: the default (224) cannot hold a 64 px state
-    with pytest.raises(ValueError, match=r'[\s\S]*cells\.0\.0\.state: checkpoint .* vs model [\s\S]*--model-kwargs'):
-        hub.export_checkpoint(safe, tmp_path / 'a', model_name=arch)
+    with pytest.raises(ValueError, match=r'(?s)cells\.0\.0\.state: checkpoint .* vs model .*model_kwargs=dict\('):
+        export_checkpoint(safe, tmp_path / 'a', model_name=arch)
     plain = tmp_path / 'plain.safetensors'
     save_file(exported['model'].backbone.state_dict(), str(plain))
-    with pytest.raises(hub.HubError, match='plain backbone checkpoint'):
-        hub.export_checkpoint(plain, tmp_path / 'b', model_name=arch)
-    with pytest.raises(hub.HubError, match='not a registered ptl_'):
-        hub.export_checkpoint(safe, tmp_path / 'c', model_name='resnet18')
+    with pytest.raises(HubError, match='plain backbone checkpoint'):
+        export_checkpoint(plain, tmp_path / 'b', model_name=arch)
+    with pytest.raises(HubError, match='not a registered ptl_'):
+        export_checkpoint(safe, tmp_path / 'c', model_name='resnet18')
 
 
 def test_offline_cache_miss_names_repo_cache_dir_and_offline_mode(offline_cache):
-    with pytest.raises(hub.HubError) as err:
-        hub.load_model('hf-hub:someone/ptl_resnet18.missing')
+    with pytest.raises(HubError) as err:
+        load_model('hf-hub:someone/ptl_resnet18.missing')
     msg = str(err.value)
     assert 'someone/ptl_resnet18.missing' in msg and str(offline_cache) in msg and 'HF_HUB_OFFLINE' in msg
-    entry = hub.load_manifest()[TAG]
-    with pytest.raises(hub.HubError) as err:  # a registered full-PTL tag whose repo is not cached
-        hub.load_model(TAG)
+    entry = load_manifest()[TAG]
+    with pytest.raises(HubError) as err:  # a registered full-PTL tag whose repo is not cached
+        load_model(TAG)
     msg = str(err.value)
     assert entry['hf_hub_id'] in msg and str(offline_cache) in msg and 'HF_HUB_OFFLINE' in msg
     if entry['status'] != 'published':
         assert entry['command'] in msg
+
+
+def _assert_names_every_fix(message: str, cache: Path) -> None:
+    for needle in ('HF_HUB_OFFLINE=1', str(cache), 'local-dir:PATH', 'pretrained_cfg_overlay=dict(file=PATH)'):
+        assert needle in message, (needle, message)
+
+
+@pytest.mark.parametrize('name', ['ptl_resnet18', 'ptl_resnet50.a1_in1k', 'ptl_mgn_resnet50', 'reid_ptl_resnet18'])
+def test_pretrained_load_offline_fails_at_once_naming_the_fixes(name, offline_cache):
+    """timm's own create_model, an empty Hub cache, offline mode: one error, without the Hub's retries."""
+    start = time.monotonic()
+    with pytest.raises(HubError) as err:
+        timm.create_model(name, pretrained=True, num_classes=3)
+    assert time.monotonic() - start < 10
+    _assert_names_every_fix(str(err.value), offline_cache)
+    assert 'HF_HUB_OFFLINE=1 (offline mode)' in str(err.value)
+
+
+def test_pretrained_load_without_network_fails_at_once_without_offline_mode(offline_cache, monkeypatch):
+    """HF_HUB_OFFLINE unset but no Hub to reach (a closed port on this machine): the same error, at once."""
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    monkeypatch.setattr(hf_constants, 'ENDPOINT', 'http://127.0.0.1:9')
+    for var in ('https_proxy', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+        monkeypatch.delenv(var, raising=False)
+    start = time.monotonic()
+    with pytest.raises(HubError, match='cannot be reached') as err:
+        timm.create_model('ptl_resnet18.a1_in1k', pretrained=True)
+    assert time.monotonic() - start < 10
+    _assert_names_every_fix(str(err.value), offline_cache)
+
+
+def test_pretrained_backbone_weights_in_the_hub_cache_load_offline(offline_cache, tmp_path):
+    """The check lets a cached file through to timm's loader: ptl_resnet18.a1_in1k reads timm/resnet18.a1_in1k."""
+    torch.manual_seed(3)
+    plain = timm.create_model('resnet18')
+    (tmp_path / 'w').mkdir()
+    save_file(plain.state_dict(), str(tmp_path / 'w' / 'model.safetensors'))
+    place_in_hf_cache(tmp_path / 'w', 'timm/resnet18.a1_in1k', offline_cache)
+    model = timm.create_model('ptl_resnet18.a1_in1k', pretrained=True, num_classes=3, img_size=64)
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.backbone.state_dict().items())
 
 
 def _copy_with_config(folder: Path, dst: Path, **changes) -> Path:
@@ -205,20 +231,20 @@ def _copy_with_config(folder: Path, dst: Path, **changes) -> Path:
 def test_unregistered_architecture_tells_to_import_ptl_timm(exported, tmp_path, offline_cache):
     folder = _copy_with_config(exported['folder'], tmp_path / 'x', architecture='ptl_not_registered')
     with pytest.raises(ValueError, match=r"'ptl_not_registered'.*import ptl_timm"):
-        hub.load_model(f'local-dir:{folder}')
+        load_model(f'local-dir:{folder}')
     place_in_hf_cache(folder, 'someone/x', offline_cache)
     with pytest.raises(ValueError, match=r"'ptl_not_registered'.*import ptl_timm"):
-        hub.load_model('hf-hub:someone/x')
+        load_model('hf-hub:someone/x')
 
 
 def test_other_cell_widths_or_architecture_list_mismatching_keys(exported, tmp_path):
     widths = [w * 2 for w in exported['model'].cell_widths]
     folder = _copy_with_config(exported['folder'], tmp_path / 'widths', cell_widths=widths)
     with pytest.raises(ValueError, match=r'cell widths .*\n  (cells|fuses)\.\S+: checkpoint \('):
-        hub.load_model(f'local-dir:{folder}')
+        load_model(f'local-dir:{folder}')
     folder = _copy_with_config(exported['folder'], tmp_path / 'arch', architecture='ptl_resnet18')
     with pytest.raises(ValueError, match=r'backbone resnet18[\s\S]*\n  missing backbone\.conv1\.weight'):
-        hub.load_model(f'local-dir:{folder}')
+        load_model(f'local-dir:{folder}')
 
 
 @pytest.mark.parametrize('damage', ['truncated', 'header'])
@@ -229,18 +255,18 @@ def test_corrupted_weights_are_named_with_their_sha256(exported, tmp_path, offli
     bad = good[:len(good) // 2] if damage == 'truncated' else b'\xff' * 16 + good[16:]
     blob = next(p for p in (repo / 'blobs').iterdir() if len(p.name) == 64)
     blob.write_bytes(bad)  # damaged after download: the blob keeps the name of its published sha256
-    with pytest.raises(hub.HubError) as err:
-        hub.load_model('hf-hub:someone/damaged')
+    with pytest.raises(HubError) as err:
+        load_model('hf-hub:someone/damaged')
     msg = str(err.value)
     assert 'corrupted or truncated' in msg and hashlib.sha256(bad).hexdigest() in msg and blob.name in msg
     (folder / 'model.safetensors').write_bytes(bad)
-    with pytest.raises(hub.HubError, match=r'model\.safetensors is corrupted or truncated'):
-        hub.load_model(f'local-dir:{folder}')
+    with pytest.raises(HubError, match=r'model\.safetensors is corrupted or truncated'):
+        load_model(f'local-dir:{folder}')
 
 
 # --- the weights manifest, the registered tags and the cards ------------------------------------------------
 def test_manifest_entries_are_registered_tags_pointing_at_their_repo():
-    manifest = hub.load_manifest()
+    manifest = load_manifest()
     assert manifest, 'weights/manifest.json lists no checkpoint'
     for name, entry in manifest.items():
         cfg = get_pretrained_cfg(name)
@@ -259,36 +285,36 @@ def test_manifest_entries_are_registered_tags_pointing_at_their_repo():
 def test_manifest_configs_match_what_export_writes_today(tmp_path):
     """The config.json of each entry must be what this code exports for its model_args, so a change of the
     package (defaults, timm version) that would alter the published checkpoints is caught."""
-    for name, entry in hub.load_manifest().items():
+    for name, entry in load_manifest().items():
         config = entry['config']
         model = timm.create_model(config['architecture'], **config['model_args'])
         pcfg = config['pretrained_cfg']
-        hub.save_pretrained(model, tmp_path / name, license=pcfg.get('license'), data_config=dict(
+        save_pretrained(model, tmp_path / name, license=pcfg.get('license'), data_config=dict(
             input_size=pcfg['input_size'], mean=pcfg['mean'], std=pcfg['std'], crop_pct=pcfg['crop_pct'],
             interpolation=pcfg['interpolation']))
         assert json.loads((tmp_path / name / 'config.json').read_text()) == config
 
 
 def test_zoo_folders_cards_and_readme_table_are_generated_from_the_manifest():
-    files = hub.render_zoo()
+    files = render_zoo()
     folders = {p.parent.name for p in files}
-    assert folders == set(hub.load_manifest())
+    assert folders == set(load_manifest())
     on_disk = {p.name for p in (REPO_ROOT / 'weights').iterdir() if p.is_dir() and not p.name.startswith(('.', '_'))}
     assert on_disk == folders, 'weights/ folders without a manifest entry (or the reverse)'
     for path, text in files.items():
         assert path.read_text() == text, f'{path} is stale: run python -m ptl_timm zoo'
-    for name, entry in hub.load_manifest().items():
+    for name, entry in load_manifest().items():
         card = files[REPO_ROOT / 'weights' / name / 'README.md']
         for needle in (entry['status'], entry['command'], entry['data']['licence'],
                        entry['backbone_weights']['licence'], f"hf-hub:{entry['hf_hub_id']}"):
             assert needle in card
-    readme = (REPO_ROOT / 'README.md').read_text()
-    assert f'<!-- manifest-table -->\n{hub.manifest_table()}<!-- /manifest-table -->' in readme, \
-        'README.md table is stale: python -m ptl_timm manifest-table --update README.md'
+    hub_doc = (REPO_ROOT / 'docs' / 'hub.md').read_text()
+    assert f'<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->' in hub_doc, \
+        'docs/hub.md table is stale: ptl-timm manifest-table --update docs/hub.md'
 
 
 def test_manifest_validation_rejects_bad_entries(tmp_path):
-    good = json.loads(hub.MANIFEST_PATH.read_text())
+    good = json.loads(MANIFEST_PATH.read_text())
     entry = good['checkpoints'][0]
     cases = {
         'status': (dict(entry, status='released'), 'status'),
@@ -300,4 +326,4 @@ def test_manifest_validation_rejects_bad_entries(tmp_path):
         path = tmp_path / f'{key}.json'
         path.write_text(json.dumps(dict(good, checkpoints=[bad])))
         with pytest.raises(ValueError, match=match):
-            hub.load_manifest(path)
+            load_manifest(path)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = '''import json, timm, ptl_timm
-from ptl_timm import hub
+from ptl_timm.hub import manifest, model_card
 try:  # model cards belong to the repository's weights/, never beside the package's copy
-    zoo = [str(f) for f in hub.write_zoo()]
+    zoo = [str(f) for f in model_card.write_zoo()]
 except FileNotFoundError as e:
     zoo = str(e)
-print(json.dumps(dict(package=ptl_timm.__file__, manifest=str(hub.MANIFEST_PATH), zoo=zoo,
-                      tags=sorted(n for n in hub.load_manifest() if timm.models.get_pretrained_cfg(n)))))
+print(json.dumps(dict(package=ptl_timm.__file__, manifest=str(manifest.MANIFEST_PATH), zoo=zoo,
+                      tags=sorted(n for n in manifest.load_manifest() if timm.models.get_pretrained_cfg(n)))))
 '''
 
 

@@ -1,16 +1,29 @@
-"""The README's measured tables are copied from the files the benchmarks write, never typed in: every table
-row under a Models or Benchmark(s) heading must appear verbatim in a Markdown file under benchmarks/results/."""
+"""Documented figures are copied from the files the benchmarks write, never typed in: every table row of
+docs/benchmarks.md, and every table row under a Models or Benchmark(s) heading of the README and the other docs,
+appears verbatim in a Markdown file under benchmarks/results/; so does every confidence interval quoted in prose."""
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED_HEADING = re.compile(r'^#+ (Models|Benchmarks?\b)')
+# a paired difference with its 95 % interval, as the reports write it: +0.59 [-0.45, +1.63]
+INTERVAL = re.compile(r'[+-]\d+\.\d+ \[[+-]\d+\.\d+, [+-]\d+\.\d+\]')
+DOCS = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 
 
-def _measured_table_rows(readme: str):
-    measured, level = False, 0
-    for number, line in enumerate(readme.splitlines(), 1):
-        if line.startswith('#'):
+def _results_lines() -> set:
+    lines = set()
+    for path in (ROOT / 'benchmarks' / 'results').rglob('*.md'):
+        lines.update(path.read_text().splitlines())
+    return lines
+
+
+def _measured_table_rows(text: str, everywhere: bool):
+    measured, level, fenced = everywhere, 0, False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith('```'):
+            fenced = not fenced
+        elif line.startswith('#') and not fenced and not everywhere:
             depth = len(line) - len(line.lstrip('#'))
             if MEASURED_HEADING.match(line):
                 measured, level = True, depth
@@ -20,11 +33,18 @@ def _measured_table_rows(readme: str):
             yield number, line
 
 
-def test_readme_tables_under_measured_headings_come_from_results_files():
-    results = set()
-    for path in (ROOT / 'benchmarks' / 'results').rglob('*.md'):
-        results.update(path.read_text().splitlines())
-    rows = list(_measured_table_rows((ROOT / 'README.md').read_text()))
-    assert len(rows) > 50, 'the README lost its benchmark tables (or the headings changed)'
-    typed_in = [f'README.md:{n}: {line[:90]}' for n, line in rows if line not in results]
+def test_measured_tables_come_from_results_files():
+    results = _results_lines()
+    rows = [(path, n, line) for path in DOCS
+            for n, line in _measured_table_rows(path.read_text(), everywhere=path.name == 'benchmarks.md')]
+    assert len(rows) > 50, 'the docs lost their benchmark tables (or the headings changed)'
+    typed_in = [f'{path.relative_to(ROOT)}:{n}: {line[:90]}' for path, n, line in rows if line not in results]
     assert not typed_in, 'rows not found in benchmarks/results/*.md (regenerate, then copy):\n' + '\n'.join(typed_in)
+
+
+def test_quoted_intervals_come_from_results_files():
+    results = '\n'.join(_results_lines())
+    quoted = [(path, m) for path in DOCS for m in INTERVAL.findall(path.read_text().replace('\u2212', '-'))]
+    assert len(quoted) > 20
+    typed_in = [f'{path.relative_to(ROOT)}: {m}' for path, m in quoted if m not in results]
+    assert not typed_in, 'intervals not found in benchmarks/results/*.md:\n' + '\n'.join(typed_in)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ptl_timm.data import load_animal_mnist
+from ptl_timm.cli import main as cli_main
+from ptl_timm.offline.datasets import load_animal_mnist
 from ptl_timm.reid import (
     FeatureExtractor,
     PKBatchSampler,
@@ -20,7 +21,6 @@ from ptl_timm.reid import (
     read_market1501,
     read_msmt17,
 )
-from ptl_timm.reid.extract import main as extract_main
 
 # (folder, pid, camera, count): identity = Animal-MNIST class, so images of one identity look alike
 _LAYOUT = [
@@ -165,8 +165,8 @@ def test_feature_extractor_inputs_agree(market, extractor):
 def test_extract_cli_and_evaluation_end_to_end(market, extractor, tmp_path):
     torch.manual_seed(0)
     out = tmp_path / 'gallery.npy'
-    extract_main([str(market / 'bounding_box_test'), str(out), '--model', 'reid_ptl_resnet18',
-                  '--img-size', '64', '32'])
+    assert cli_main(['extract', str(market / 'bounding_box_test'), str(out), '--model', 'reid_ptl_resnet18',
+                     '--img-size', '64', '32']) == 0
     feats, names = np.load(out), out.with_suffix('.txt').read_text().split()
     assert feats.shape[0] == len(names) == 11 and names[0].startswith('-1_c1')  # every image, junk included
     splits = read_market1501(market)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptl_timm.reid.metrics import evaluate, evaluate_rankings, pairwise_distance, re_ranking
+from ptl_timm.reid import evaluate, evaluate_rankings, pairwise_distance, re_ranking
 
 
 def _loop_reference(dist, q_pids, g_pids, q_cams, g_cams, max_rank):

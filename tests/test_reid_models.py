@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 import ptl_timm.reid  # noqa: F401  (registers the ReID models)
-from ptl_timm.bconv_cell import bconv_cells
+from ptl_timm import bconv_cells
 from ptl_timm.reid import MGN, ReIDLoss, ReIDNet, ReIDOutput, create_reid_model
-from ptl_timm.reid.reid_models import mgn_checkpoint_filter_fn
+from ptl_timm.reid.bnneck import REID_INPUT_SIZE
+from ptl_timm.reid.mgn import MGN_INPUT_SIZE, mgn_checkpoint_filter_fn
 
 
 @pytest.fixture(autouse=True)
@@ -19,12 +20,11 @@ def _small_mgn(ptl: bool, **kwargs) -> MGN:
     return MGN(num_classes=5, backbone='resnet18', feat_dim=8, ptl=ptl, img_size=(48, 16), **kwargs)
 
 
-def test_registry_and_cfgs():
-    for name, size in (('mgn_resnet50', (3, 384, 128)), ('ptl_mgn_resnet50', (3, 384, 128)),
-                       ('reid_ptl_resnet50', (3, 256, 128)), ('reid_mobilenetv2_100', (3, 256, 128))):
-        assert timm.is_model(name)
-        cfg = timm.models.get_pretrained_cfg(name)
-        assert cfg.input_size == size and cfg.num_classes == 0
+@pytest.mark.parametrize('name', timm.list_models(module=['mgn', 'bnneck']))
+def test_registered_reid_models_have_person_crop_cfgs_without_classifier(name):
+    cfg = timm.models.get_pretrained_cfg(name)
+    assert cfg.input_size == (MGN_INPUT_SIZE if 'mgn_' in name else REID_INPUT_SIZE)
+    assert cfg.num_classes == 0
     assert 'mgn_resnet50.a1_in1k' in timm.list_pretrained('mgn_resnet50*')
 
 

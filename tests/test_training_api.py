@@ -1,5 +1,5 @@
 """What timm's train.py does to a model, done to ptl_* models with the same timm APIs (train.py itself is not in
-the timm wheel: the real run is in the README, "Fine-tuning with timm's train.py"), and ptl_timm.launch."""
+the timm wheel: the real run is in docs/training.md), and ``ptl-timm run`` (ptl_timm.launch)."""
 import argparse
 import os
 import subprocess
@@ -255,7 +255,7 @@ def test_sync_batchnorm_conversion_keeps_cells_and_checkpoints(eager):
 def test_torch_compile_trains_like_eager(eager):
     """train.py --torchcompile. The aot_eager backend runs Dynamo and AOTAutograd (where the in-place state write
     is functionalised) without inductor's C++ build, which takes minutes on a small CPU. The second step reads
-    the state the first wrote: a graph that recomputes a state read after its write (README, --torchcompile)
+    the state the first wrote: a graph that recomputes a state read after its write (docs/training.md, torch.compile)
     fails here."""
     ref, out_ref = eager
     compiled_src = _model()
@@ -265,7 +265,7 @@ def test_torch_compile_trains_like_eager(eager):
     assert all(s.abs().amax() > 0 for s in _states(compiled_src))
 
 
-# --- ptl_timm.launch ----------------------------------------------------------------------------------------
+# --- ptl-timm run (ptl_timm.launch) -------------------------------------------------------------------------
 
 SCRIPT = '''import sys
 import timm
@@ -277,7 +277,7 @@ def test_launch_runs_a_script_with_ptl_models_registered(tmp_path):
     script = tmp_path / 'validate.py'
     script.write_text(SCRIPT)
     env = repo_on_pythonpath(dict(os.environ, **{SCRIPTS_ENV: str(tmp_path)}))
-    cmd = [sys.executable, '-m', 'ptl_timm.launch', 'validate', '--', '--model', 'ptl_resnet18', '-b', '4']
+    cmd = [sys.executable, '-m', 'ptl_timm', 'run', 'validate', '--model', 'ptl_resnet18', '-b', '4']
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "registered True name __main__ argv ['--model', 'ptl_resnet18', '-b', '4']" in result.stdout

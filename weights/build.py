@@ -4,10 +4,10 @@
 
 Trains with the recipe stored in the manifest entry (offline ImageNet backbone weights, offline data),
 saves a train.py-format checkpoint with timm's CheckpointSaver, exports it with
-``python -m ptl_timm export`` (the code path users run), loads the export back with
+``ptl-timm export`` (the code path users run), loads the export back with
 ``timm.create_model('local-dir:...')`` to measure the test accuracy, then writes the measured results,
 the exported config.json and the sha256 of model.safetensors into the manifest and re-renders the model
-cards. The status stays "not yet published" until ``python -m ptl_timm push`` has uploaded the folder.
+cards. The status stays "not yet published" until ``ptl-timm push`` has uploaded the folder.
 
     python weights/build.py ptl_mobilenetv2_100.animal_mnist --config-only
 
@@ -32,29 +32,16 @@ import torch.nn.functional as F
 from timm.utils import CheckpointSaver
 
 import ptl_timm  # noqa: F401  registers the ptl_* models
-from ptl_timm.cli import replace_manifest_table
-from ptl_timm.data import few_shot_split, load_animal_mnist
-from ptl_timm.hub import (
-    REPO_MANIFEST_PATH,
-    WEIGHTS_NAME,
-    load_manifest,
-    manifest_table,
-    save_pretrained,
-    write_zoo,
-)
-from ptl_timm.offline_weights import create_offline_model
+from ptl_timm.hub.checkpoint import file_sha256
+from ptl_timm.hub.io import save_pretrained
+from ptl_timm.hub.manifest import REPO_MANIFEST_PATH, WEIGHTS_NAME, load_manifest
+from ptl_timm.hub.model_card import replace_manifest_table, write_zoo
+from ptl_timm.offline.datasets import few_shot_split, load_animal_mnist, to_model_input
+from ptl_timm.offline.weights import create_offline_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # data loaders of the recipes' datasets: uint8 images (N, H, W[, 3]) and int64 labels
 DATASETS = {'Animal-MNIST': load_animal_mnist}
-
-
-def _batch(images: np.ndarray, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, H, W[, 3]) -> normalised float (B, 3, size, size), grey images repeated on 3 channels."""
-    x = torch.from_numpy(images).float().div_(255)
-    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
-    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
 @torch.no_grad()
@@ -62,7 +49,7 @@ def accuracy(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, siz
     model.eval()
     correct = 0
     for i in range(0, len(images), 256):
-        logits = model(_batch(images[i:i + 256], size, mean, std))
+        logits = model(to_model_input(images[i:i + 256], size, mean, std))
         correct += int((logits.argmax(1) == torch.from_numpy(labels[i:i + 256])).sum())
     return 100.0 * correct / len(images)
 
@@ -76,7 +63,7 @@ def train_args(arch: str, num_classes: int, recipe: dict, mean, std) -> argparse
 
 
 def update_manifest(name: str, **changes) -> None:
-    """Write ``changes`` into the manifest entry, then re-render the cards and the README tables."""
+    """Write ``changes`` into the manifest entry, then re-render the cards and the table in docs/hub.md."""
     manifest = json.loads(REPO_MANIFEST_PATH.read_text())
     for e in manifest['checkpoints']:
         if e['name'] == name:
@@ -85,7 +72,7 @@ def update_manifest(name: str, **changes) -> None:
     tmp_path.write_text(json.dumps(manifest, indent=2) + '\n')
     os.replace(tmp_path, REPO_MANIFEST_PATH)
     write_zoo()
-    replace_manifest_table(REPO_ROOT / 'README.md', manifest_table())
+    replace_manifest_table(REPO_ROOT / 'docs' / 'hub.md')
 
 
 def config_only(name: str) -> bool:
@@ -117,7 +104,7 @@ def build(name: str, out: Path, update: bool) -> dict:
     size = recipe['img_size']
     model = create_offline_model(arch, num_classes=int(labels.max()) + 1, img_size=size, **recipe['model_kwargs'])
     data_cfg = timm.data.resolve_data_config({}, model=model)
-    mean, std = torch.tensor(data_cfg['mean']), torch.tensor(data_cfg['std'])
+    mean, std = data_cfg['mean'], data_cfg['std']
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe['lr'], weight_decay=recipe['weight_decay'])
     steps_per_epoch = -(-len(split.train) // recipe['batch_size'])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe['lr'],
@@ -132,7 +119,7 @@ def build(name: str, out: Path, update: bool) -> dict:
             order = rng.permutation(split.train)
             for i in range(0, len(order), recipe['batch_size']):
                 idx = order[i:i + recipe['batch_size']]
-                x = _batch(images[idx], size, mean, std)
+                x = to_model_input(images[idx], size, mean, std)
                 if recipe['hflip']:
                     flip = torch.rand(len(idx)) < 0.5
                     x[flip] = x[flip].flip(-1)
@@ -156,7 +143,7 @@ def build(name: str, out: Path, update: bool) -> dict:
                  f'timm {timm.__version__}, 1 seed ({recipe["seed"]})',
     )
     weights = out / WEIGHTS_NAME
-    files = {WEIGHTS_NAME: dict(sha256=ptl_timm.hub.file_sha256(weights), bytes=weights.stat().st_size)}
+    files = {WEIGHTS_NAME: dict(sha256=file_sha256(weights), bytes=weights.stat().st_size)}
     print(json.dumps(dict(results=results, files=files), indent=1))
     if update:
         update_manifest(name, results=results, files=files, config=json.loads((out / 'config.json').read_text()))

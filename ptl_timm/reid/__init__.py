@@ -2,6 +2,7 @@
 
 Importing it registers ``mgn_resnet50``, ``ptl_mgn_resnet50`` and the ``reid_*`` models in timm.
 """
+from .bnneck import ReIDNet, create_reid_model
 from .datasets import (
     PKBatchSampler,
     ReIDDataset,
@@ -13,9 +14,12 @@ from .datasets import (
     read_msmt17,
     read_reid_folder,
 )
+from .distance import pairwise_distance
+from .extract import FeatureExtractor
 from .losses import ReIDLoss, ReIDOutput, TripletLoss, batch_hard_triplet_loss
-from .metrics import RetrievalResult, evaluate, evaluate_rankings, pairwise_distance, re_ranking
-from .reid_models import MGN, ReIDNet, create_reid_model
+from .metrics import RetrievalResult, evaluate, evaluate_rankings
+from .mgn import MGN
+from .rerank import re_ranking
 
 __all__ = [
     'MGN', 'ReIDNet', 'create_reid_model', 'FeatureExtractor',
@@ -24,11 +28,3 @@ __all__ = [
     'read_market1501', 'read_dukemtmc', 'read_msmt17', 'read_list_file', 'read_reid_folder',
     'ReIDDataset', 'ReIDSample', 'ReIDSplits', 'PKBatchSampler',
 ]
-
-
-def __getattr__(name: str):
-    # imported on first use, so `python -m ptl_timm.reid.extract` does not find its module already loaded
-    if name == 'FeatureExtractor':
-        from .extract import FeatureExtractor
-        return FeatureExtractor
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

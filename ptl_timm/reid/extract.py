@@ -6,10 +6,8 @@
 Command line, every image of a folder (recursively) into a ``.npy`` file, with the relative paths in
 the same order next to it (``OUT.txt``)::
 
-    python -m ptl_timm.reid.extract FOLDER OUT.npy --model reid_ptl_resnet50 --checkpoint model.pth
+    ptl-timm extract FOLDER OUT.npy --model reid_ptl_resnet50 --checkpoint model.pth
 """
-import argparse
-import logging
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -18,15 +16,14 @@ import timm
 import torch
 from PIL import Image
 from timm.data import resolve_data_config
-from timm.models import load_state_dict
+from timm.layers import to_2tuple
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from ..hub.checkpoint import read_checkpoint
 from .datasets import IMAGE_EXTENSIONS
 
-__all__ = ['FeatureExtractor', 'flip_embed', 'list_images', 'load_weights', 'main']
-
-_logger = logging.getLogger(__name__)
+__all__ = ['FeatureExtractor', 'flip_embed', 'list_images', 'load_weights']
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
@@ -37,13 +34,13 @@ def flip_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (model(x) + model(torch.flip(x, dims=[3]))) / 2
 
 
-def load_weights(model: nn.Module, path: Union[str, Path]) -> None:
-    """Load a training checkpoint (timm's ``state_dict`` / ``model`` / EMA wrappers alike) into ``model``.
+def load_weights(model: nn.Module, path: Union[str, Path], use_ema: bool = False) -> None:
+    """Load a checkpoint (train.py's, with ``use_ema`` its EMA weights; a state_dict; safetensors) into ``model``.
 
     Classifier tensors the model does not have (it was created with ``num_classes=0``) are skipped; any
     other difference is an error.
     """
-    state_dict = load_state_dict(str(path))
+    state_dict, _ = read_checkpoint(path, use_ema=use_ema)
     expected = model.state_dict()
     classifier = getattr(model, 'get_classifier', lambda name_only: '')(name_only=True)
     prefixes = tuple(f'{c}.' for c in ([classifier] if isinstance(classifier, str) else classifier) if c)
@@ -51,7 +48,7 @@ def load_weights(model: nn.Module, path: Union[str, Path]) -> None:
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f'{path} does not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}. '
-                         'Pass the --model the checkpoint was trained with.')
+                         'Create the model the checkpoint was trained with.')
 
 
 class FeatureExtractor:
@@ -61,11 +58,12 @@ class FeatureExtractor:
         model: a registered name (created with ``num_classes=0``) or an ``nn.Module``.
         checkpoint: weights to load into a named model (a training checkpoint).
         pretrained: load the named model's pretrained (backbone) weights.
-        image_size: (H, W) input; default: the model's pretrained cfg input size.
+        image_size: (H, W) or one size the images are resized to; default: the model's pretrained cfg input size.
         batch_size: images per forward.
         device: where the model runs.
         flip: average with the mirrored image's embedding.
         normalize: L2-normalise the output rows.
+        use_ema: load the checkpoint's EMA weights (train.py's ``state_dict_ema``), not the model's.
         model_kwargs: extra arguments of ``timm.create_model`` for a named model.
 
     Calling it with one image or a list of them returns a float32 (N, D) CPU tensor. Paths, PIL images
@@ -78,18 +76,19 @@ class FeatureExtractor:
             model: Union[str, nn.Module],
             checkpoint: Optional[Union[str, Path]] = None,
             pretrained: bool = False,
-            image_size: Optional[Tuple[int, int]] = None,
+            image_size: Optional[Union[int, Tuple[int, int]]] = None,
             batch_size: int = 32,
             device: Union[str, torch.device] = 'cpu',
             flip: bool = False,
             normalize: bool = False,
+            use_ema: bool = False,
             **model_kwargs: Any,
     ):
         if isinstance(model, str):
             model = timm.create_model(model, pretrained=pretrained, num_classes=0, **model_kwargs)
             if checkpoint is not None:
-                load_weights(model, checkpoint)
-        elif checkpoint is not None or pretrained or model_kwargs:
+                load_weights(model, checkpoint, use_ema)
+        elif checkpoint is not None or use_ema or pretrained or model_kwargs:
             raise ValueError('checkpoint, pretrained and model kwargs apply to a model name; load the weights '
                              'into the module yourself.')
         if batch_size < 1:
@@ -97,7 +96,7 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         cfg = resolve_data_config(model=model)
-        self.image_size = tuple(image_size) if image_size is not None else tuple(cfg['input_size'][-2:])
+        self.image_size = to_2tuple(image_size) if image_size is not None else tuple(cfg['input_size'][-2:])
         self.batch_size = batch_size
         self.flip = flip
         self.normalize = normalize
@@ -160,35 +159,3 @@ def list_images(folder: Union[str, Path]) -> List[Path]:
     if not files:
         raise FileNotFoundError(f'{folder} holds no image files ({", ".join(IMAGE_EXTENSIONS)}).')
     return files
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog='python -m ptl_timm.reid.extract',
-        description='Embed every image of a folder with a ReID model into a .npy (N, D) file; the image paths '
-                    'go to the same name with .txt.')
-    parser.add_argument('folder', type=Path)
-    parser.add_argument('output', type=Path, help='.npy file to write')
-    parser.add_argument('--model', required=True, help='registered model name, e.g. reid_ptl_resnet50')
-    parser.add_argument('--checkpoint', type=Path, help='trained weights to load')
-    parser.add_argument('--pretrained', action='store_true', help="load the model's pretrained (backbone) weights")
-    parser.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'))
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--flip', action='store_true', help='average with the mirrored image')
-    parser.add_argument('--normalize', action='store_true', help='L2-normalise the embeddings')
-    args = parser.parse_args(argv)
-
-    files = list_images(args.folder)
-    extractor = FeatureExtractor(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                                 image_size=args.img_size, batch_size=args.batch_size, device=args.device,
-                                 flip=args.flip, normalize=args.normalize)
-    feats = extractor(files).numpy()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.output, feats)
-    args.output.with_suffix('.txt').write_text(''.join(f'{p.relative_to(args.folder)}\n' for p in files))
-    print(f'{len(files)} images -> {args.output} {feats.shape}, paths in {args.output.with_suffix(".txt")}')
-
-
-if __name__ == '__main__':
-    main()

@@ -1,4 +1,5 @@
-"""Real labelled images that install offline from package registries (see README, "Offline data")."""
+"""Real labelled images that install offline from package registries (docs/offline.md), and their conversion to
+model input."""
 import dataclasses
 import gzip
 import hashlib
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 __all__ = [
-    'package_file', 'load_animal_mnist', 'load_fashion_mnist', 'load_emoji', 'FewShotSplit', 'few_shot_split',
-    'FASHION_MNIST_DIR', 'EMOJI_NPM_PACKAGE', 'EMOJI_VENDORS', 'EmojiReID', 'load_emoji_reid', 'IdentitySplit',
-    'identity_split',
+    'default_cache_dir', 'package_file', 'to_model_input', 'load_animal_mnist', 'load_fashion_mnist', 'load_emoji',
+    'FewShotSplit', 'few_shot_split', 'FASHION_MNIST_DIR', 'fashion_mnist_dir', 'EMOJI_NPM_PACKAGE', 'EMOJI_VENDORS',
+    'EmojiReID', 'load_emoji_reid', 'IdentitySplit', 'identity_split',
 ]
 
 # Debian's dataset-fashion-mnist installs the original idx files here.
@@ -24,6 +27,26 @@ EMOJI_VERSION = '16.0.0'
 EMOJI_VENDORS = ('apple', 'google', 'twitter', 'facebook')
 # Fitzpatrick skin-tone modifiers: an emoji and its tones are one identity (one person, other clothes)
 _SKIN_TONES = frozenset(('1f3fb', '1f3fc', '1f3fd', '1f3fe', '1f3ff'))
+
+
+def default_cache_dir() -> Path:
+    """Where converted weights and decoded images are cached: $PTL_TIMM_CACHE, else ~/.cache/ptl_timm."""
+    return Path(os.environ.get('PTL_TIMM_CACHE', Path.home() / '.cache' / 'ptl_timm'))
+
+
+def to_model_input(
+        images: np.ndarray,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        antialias: bool = False,
+) -> torch.Tensor:
+    """uint8 images (N, H, W) grey or (N, H, W, 3) RGB -> float (N, 3, size, size), resized bilinearly
+    (``antialias`` as F.interpolate's) and normalised with ``mean`` / ``std``; grey repeated on 3 channels."""
+    x = torch.from_numpy(images).float().div_(255)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=antialias)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def package_file(package: str, relative: str, install: str) -> Path:
@@ -66,22 +89,34 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
+def fashion_mnist_dir() -> Path:
+    """Where Fashion-MNIST's idx files are: Debian's package folder, else the ptl_timm cache's ``fashion-mnist``
+    (where tests/run.sh unpacks the package without root); the Debian folder when neither holds them."""
+    for folder in (FASHION_MNIST_DIR, default_cache_dir() / 'fashion-mnist'):
+        if (folder / 't10k-labels-idx1-ubyte.gz').is_file():
+            return folder
+    return FASHION_MNIST_DIR
+
+
 def load_fashion_mnist(split: str = 'train', root: Optional[Path] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST (MIT): grey 28x28 photos of clothes, 10 classes; 60,000 ``'train'``, 10,000 ``'test'``.
 
-    Reads the idx files of Debian's ``dataset-fashion-mnist`` (``root`` defaults to
-    /usr/share/datasets/fashion-mnist). Returns ``images`` uint8 (N, 28, 28) and ``labels`` int64 (N,).
+    Reads the idx files of Debian's ``dataset-fashion-mnist`` from ``root`` (default :func:`fashion_mnist_dir`).
+    Returns ``images`` uint8 (N, 28, 28) and ``labels`` int64 (N,).
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    root = Path(root) if root is not None else fashion_mnist_dir()
     prefix = 'train' if split == 'train' else 't10k'
     paths = [root / f'{prefix}-images-idx3-ubyte.gz', root / f'{prefix}-labels-idx1-ubyte.gz']
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(
-            f'Fashion-MNIST files missing ({", ".join(missing)}); install them with: '
-            'apt-get install dataset-fashion-mnist (Debian / Ubuntu), or pass root= a folder holding the idx files.')
+            f'Fashion-MNIST files missing ({", ".join(missing)}); install them with: apt-get install '
+            f'dataset-fashion-mnist (root), or without root: apt-get download dataset-fashion-mnist && dpkg-deb -x '
+            f'dataset-fashion-mnist_*.deb DIR, then copy DIR/usr/share/datasets/fashion-mnist/* to '
+            f'{default_cache_dir() / "fashion-mnist"} (tests/run.sh does this), or pass root= a folder of the idx '
+            'files.')
     images, labels = (_read_idx(p) for p in paths)
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
         raise ValueError(f'Unexpected Fashion-MNIST arrays {images.shape} / {labels.shape} in {root}.')
@@ -112,7 +147,7 @@ def load_emoji(
 
     Returns ``images`` uint8 (N, size, size, 3), ``labels`` int64 (N,) and the class names.
     """
-    from PIL import Image  # a dependency of the package; imported here to keep `import ptl_timm.data` light
+    from PIL import Image  # a dependency of the package; imported here to keep this module light
 
     if label not in ('category', 'subcategory'):
         raise ValueError(f"label must be 'category' or 'subcategory', got {label!r}.")
@@ -254,7 +289,7 @@ def load_emoji_reid(
     in ``cache_dir`` (default $PTL_TIMM_CACHE or ~/.cache/ptl_timm) as a compressed ``.npz`` keyed by the
     file list, size and background, so later loads take about a second.
     """
-    from PIL import Image  # a dependency of the package; imported here to keep `import ptl_timm.data` light
+    from PIL import Image  # a dependency of the package; imported here to keep this module light
 
     vendors = tuple(vendors)
     if len(vendors) < 2 or len(set(vendors)) != len(vendors):
@@ -271,8 +306,7 @@ def load_emoji_reid(
     if not stems:
         raise ValueError(f'No emoji is drawn by all of {vendors} under {root}.')
     key = hashlib.sha1(json.dumps([vendors, stems, size, list(background)]).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir) if cache_dir is not None else \
-        Path(os.environ.get('PTL_TIMM_CACHE', Path.home() / '.cache' / 'ptl_timm'))
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache = cache_dir / f'emoji_reid_{size}px_{key}.npz'
     identities = tuple(sorted({_identity_key(s) for s in stems}))
     pid_of = {k: i for i, k in enumerate(identities)}

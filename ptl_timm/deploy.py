@@ -4,37 +4,31 @@ A model in eval mode never writes its state: every forward reads the same datase
 the state is a constant of the graph, like BN running statistics. The exported graph takes images of one spatial
 size (the one given at export; the state is resampled to that grid once, in the graph) and any batch size::
 
-    from ptl_timm.export import export_onnx
+    from ptl_timm.deploy import export_onnx
     export_onnx(model, 'model.onnx', input_size=(3, 224, 224))   # input 'input' (B, 3, 224, 224) -> 'output'
 
 or from a checkpoint written by timm's train.py (its arch, classes, --model-kwargs and image size are read
-from the checkpoint; --model, --num-classes, --model-kwargs and --img-size override them)::
-
-    python -m ptl_timm.export --checkpoint output/train/x/model_best.pth.tar --use-ema --output model.onnx
-
-``--check`` (default) reloads the file and compares it with the PyTorch eval model at two batch sizes (ONNX
+from the checkpoint): :func:`deploy_checkpoint`, on the command line ``ptl-timm deploy CHECKPOINT model.onnx``.
+:func:`check_export` reloads the file and compares it with the PyTorch eval model at two batch sizes (ONNX
 through onnxruntime: ``pip install onnx onnxruntime onnxscript``).
 """
-import argparse
 import copy
 import logging
-import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
-import timm
 import torch
 from timm.data import resolve_data_config
-from timm.utils import ParseKwargs
+from timm.layers import to_2tuple
 from torch import nn
 
-from . import hub
-from .bconv_cell import bconv_cells
+from .hub.checkpoint import model_from_checkpoint
+from .layers import bconv_cells
 
 __all__ = [
     'EXPORT_FORMATS', 'prepare_for_export', 'example_input', 'export_torchscript', 'export_program', 'export_onnx',
-    'export_model', 'load_exported', 'check_export',
+    'export_model', 'load_exported', 'check_export', 'deploy_checkpoint',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -197,55 +191,28 @@ def check_export(
     return worst
 
 
-def _build_model(args: argparse.Namespace) -> Tuple[nn.Module, Tuple[int, int, int]]:
-    """The model to export and its input size: --img-size, else the size train.py was run with (a train.py
-    checkpoint stores its args), else the model's data config."""
-    kwargs = dict(args.model_kwargs)
-    kwargs.update({k: getattr(args, k) for k in ('num_classes', 'in_chans') if getattr(args, k) is not None})
-    if args.checkpoint:  # the model the checkpoint holds: its arch and train.py args, with clear key errors
-        model, meta = hub.model_from_checkpoint(args.checkpoint, args.model, args.use_ema, kwargs)
-        data_args = meta.get('args') or {}
-    elif args.model:
-        model, data_args = timm.create_model(args.model, **kwargs), {}
+def deploy_checkpoint(
+        checkpoint: Union[str, Path],
+        path: Union[str, Path],
+        fmt: Optional[str] = None,
+        model_name: Optional[str] = None,
+        use_ema: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        check: bool = True,
+) -> Dict[str, Any]:
+    """Export the PTL model a checkpoint holds (``ptl_timm.hub.checkpoint.model_from_checkpoint``: a train.py
+    checkpoint names its model and arguments) for deployment, and check the file against it.
+
+    The input size is ``img_size`` (H, W or one int), else the one train.py was run with, else the model's
+    data config. Returns the model name, the input size, the file, and the largest difference of the check.
+    """
+    model, meta = model_from_checkpoint(checkpoint, model_name, use_ema, model_kwargs)
+    if img_size is not None:
+        input_size = (model.in_chans, *to_2tuple(img_size))
     else:
-        raise ValueError('Nothing to export: pass --checkpoint (a train.py checkpoint) and/or --model.')
-    if args.img_size is not None:
-        return model, (model.in_chans, args.img_size, args.img_size)
-    return model, resolve_data_config(data_args, model=model)['input_size']
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m ptl_timm.export', description=__doc__.split('\n')[0])
-    parser.add_argument('--model', '-m', default=None,
-                        help="timm model name, e.g. ptl_resnet50 (default: a train.py checkpoint's arch)")
-    parser.add_argument('--checkpoint', default='', help='checkpoint to load (e.g. train.py\'s model_best.pth.tar)')
-    parser.add_argument('--use-ema', action='store_true', help='load the EMA weights of a train.py checkpoint')
-    parser.add_argument('--num-classes', type=int, default=None, help='default: the checkpoint\'s classifier')
-    parser.add_argument('--img-size', type=int, default=None,
-                        help="input height and width (default: a train.py checkpoint's, else the data config)")
-    parser.add_argument('--in-chans', type=int, default=None)
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                        help='as train.py\'s --model-kwargs, e.g. img_size=224 state_mode=carried (a train.py '
-                             'checkpoint supplies the ones it was trained with)')
-    parser.add_argument('--format', choices=list(EXPORT_FORMATS), default=None,
-                        help='default: from the output suffix (.onnx, .pt, .pt2)')
-    parser.add_argument('--output', '-o', required=True)
-    parser.add_argument('--no-check', action='store_true', help='skip the comparison with the PyTorch model')
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
-    try:
-        model, input_size = _build_model(args)
-        path = export_model(model, args.output, args.format, input_size)
-        _logger.info(f'Exported {model.default_cfg["architecture"]} ({_input_size(model, input_size)}, '
-                     f'dynamic batch) to {path}')
-        if not args.no_check:
-            worst = check_export(model, path, args.format, input_size)
-            _logger.info(f'Checked against PyTorch eval at batch sizes 1 and 3: max abs difference {worst:.3g}')
-    except (hub.HubError, ValueError, FileNotFoundError, ImportError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())
+        input_size = resolve_data_config(meta.get('args') or {}, model=model)['input_size']
+    path = export_model(model, path, fmt, input_size)
+    worst = check_export(model, path, fmt, input_size) if check else None
+    return dict(model=model.pretrained_cfg['architecture'], input_size=tuple(input_size), path=path,
+                max_abs_difference=worst)

@@ -1,4 +1,4 @@
-"""PTLNet: a ladder of BConv-Cells beside any timm CNN that exposes stage features.
+"""PTLNet: a ladder of BConv-Cells beside any timm CNN that exposes stage features, and the ``ptl_*`` models.
 
 The backbone runs exactly as timm defines it (its pretrained weights load unchanged); information flows
 from the backbone into the branch only. For backbone stage features f_0..f_{n-1} at reductions
@@ -9,31 +9,58 @@ r_0..r_{n-1} (timm's ``feature_info``)::
     h_k = fuse_k(cat[f_k, c_k])                  # k = 1..n-2
     features = cat[backbone final map, c_{n-1}]  # joined before the head
 
-A stride of 4 or more is a chain of stride-2 cells. The head pools the backbone part with the backbone's own head
-(``pre_logits``: its pooling and, e.g. for ConvNeXt, its norm) and the cell part with the same global
-pool, concatenates them and applies dropout and a fresh ``fc``. This is the reference MGN_PTL
-topology of the paper (method.md) generalised to any staged CNN, with one change by default: the branch
-starts from the backbone's first stage (the stem, a pretrained function of the image) instead of cells
-on the raw image. No cell then runs at the first stage's resolution, where the gates' element-wise
-passes made the branch cost up to 1.2x the backbone's inference time (MobileNetV2, CPU).
-``image_cells=True`` restores the paper's cells on the image: ``c_0 = cell_0(image)`` at stride r_0 and
-``h_0 = fuse_0(cat[f_0, c_0])``.
+A stride of 4 or more is a chain of stride-2 cells (the ladder: ``ptl_timm.layers.ladder``). The head pools
+the backbone part with the backbone's own head (``pre_logits``: its pooling and, e.g. for ConvNeXt, its norm)
+and the cell part with the same global pool, concatenates them and applies dropout and a fresh ``fc``. This is
+the reference MGN_PTL topology of the paper generalised to any staged CNN, with one change by default: the
+branch starts from the backbone's first stage (the stem, a pretrained function of the image) instead of
+cells on the raw image, so that no cell runs at the first stage's resolution, where the gates' element-wise
+passes are costly (docs/benchmarks.md, "Cost"). ``image_cells=True`` restores the paper's cells on the
+image: ``c_0 = cell_0(image)`` at stride r_0 and ``h_0 = fuse_0(cat[f_0, c_0])``.
+
+The ``ptl_*`` entry points at the end of this file are the registered models: each ``ptl_X`` offers every
+pretrained tag of timm's ``X`` (``ptl_resnet50.a1_in1k`` loads ``timm/resnet50.a1_in1k`` into the backbone
+through the backbone module's own checkpoint filter and starts the PTL branch and the head fresh), and the
+full-PTL tags of the weights manifest (``ptl_timm.hub.manifest``), whose checkpoints hold every tensor.
 """
-import difflib
 import logging
 import re
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import timm
 import torch
-import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, SelectAdaptivePool2d, make_divisible
+from timm.layers import SelectAdaptivePool2d, make_divisible, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, split_model_name_tag
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from .bconv_cell import DEFAULT_STATE_MODE, BConvCell, StateMode, bconv_cells, stride_chain
+from ..hub.cache import require_pretrained
+from ..hub.manifest import load_manifest, manifest_pretrained_cfgs, tag_model_args
+from ..layers import (
+    DEFAULT_STATE_MODE,
+    LadderStage,
+    StageFuse,
+    StateMode,
+    bconv_cells,
+    build_ladder,
+    match_size,
+    run_ladder,
+)
+from ._helpers import (
+    as_tuple,
+    backbone_filter_fn,
+    check_model_name,
+    check_state_dict_fits,
+    derived_pretrained_cfgs,
+    first_conv_prefixes,
+    prefix_group_matcher,
+    tagged_cfg,
+)
 
-__all__ = ['PTLNet', 'StageFuse', 'DEFAULT_WIDTH_MULT', 'resolve_cell_widths', 'check_model_name']
+__all__ = [
+    'PTLNet', 'DEFAULT_WIDTH_MULT', 'PTL_BACKBONES', 'resolve_cell_widths', 'checkpoint_filter_fn',
+    'create_ptl_model', 'ptl_pretrained_cfgs',
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -57,43 +84,6 @@ def resolve_cell_widths(
     if width_mult <= 0:
         raise ValueError(f'width_mult must be > 0, got {width_mult}.')
     return [make_divisible(c * width_mult, 8) for c in stage_chs]
-
-
-def check_model_name(name: str) -> None:
-    """Raise a ValueError naming close matches when timm does not know the model ``name``."""
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        hint = f' Close matches: {", ".join(close)}.' if close else ''
-        raise ValueError(f'Unknown timm backbone {name!r}.{hint} See timm.list_models() for every name.')
-
-
-def _prefix_pattern(pattern: str, prefix: str) -> str:
-    """Anchor a timm group_matcher regex (whose alternatives may start with '^') under ``prefix``."""
-    unanchored = re.sub(r'(^|[|(])\^', r'\1', pattern)
-    return rf'^{re.escape(prefix)}(?:{unanchored})'
-
-
-class StageFuse(nn.Module):
-    """Fuse of a backbone stage map and the cell output beside it: ReLU(BN(conv1x1(cat[f, c]))).
-
-    The 1x1 conv of the concatenation is computed as the sum of one conv per part: the same function
-    without materialising the concatenated copy of the (large) backbone map. With ``cell_chs=0`` it only
-    projects f (the entry of the branch at a stage without a cell).
-    Shapes: f (B, feat_chs, H, W), c (B, cell_chs, H, W) -> (B, out_chs, H, W).
-    """
-
-    def __init__(self, feat_chs: int, cell_chs: int, out_chs: int):
-        super().__init__()
-        # no conv bias: the BN that follows cancels it (the reference code had one)
-        self.feat_conv = nn.Conv2d(feat_chs, out_chs, 1, bias=False)
-        self.cell_conv = nn.Conv2d(cell_chs, out_chs, 1, bias=False) if cell_chs else None
-        self.bn = BatchNormAct2d(out_chs)
-
-    def forward(self, f: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.feat_conv(f)
-        if self.cell_conv is not None:
-            x = x + self.cell_conv(c)
-        return self.bn(x)
 
 
 class PTLNet(nn.Module):
@@ -157,30 +147,19 @@ class PTLNet(nn.Module):
         self.cell_widths = resolve_cell_widths(stage_chs, width_mult, cell_widths)
         if img_size is None:
             img_size = self.backbone.pretrained_cfg.get('input_size', (in_chans, 224, 224))[-2:]
-        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.img_size = to_2tuple(img_size)
 
-        cell_args = dict(kernel_size=kernel_size, state_mode=state_mode, state_slots=state_slots)
-        self.cells = nn.ModuleList()
-        self.fuses = nn.ModuleList()
-        in_chs, prev_reduction = (in_chans, 1) if image_cells else (self.cell_widths[0], reductions[0])
-        grid = tuple(-(-s // prev_reduction) for s in self.img_size)
-        if not image_cells:
-            self.fuses.append(StageFuse(stage_chs[0], 0, self.cell_widths[0]))
-        for k in range(first, len(stage_chs)):
-            width = self.cell_widths[k]
-            if reductions[k] % prev_reduction:
-                raise ValueError(
-                    f'{backbone}: stage {k} reduction {reductions[k]} is not a multiple of {prev_reduction}; '
-                    'PTL needs stages that downsample by powers of two.')
-            chain = []
-            for stride in stride_chain(reductions[k] // prev_reduction):
-                grid = (-(-grid[0] // stride), -(-grid[1] // stride))
-                chain.append(BConvCell(in_chs, width, stride=stride, state_size=grid, **cell_args))
-                in_chs = width
-            self.cells.append(nn.Sequential(*chain))
-            if k < len(stage_chs) - 1:
-                self.fuses.append(StageFuse(stage_chs[k], width, width))
-            prev_reduction = reductions[k]
+        # created in this order (entry fuse, then each stage's cells and fuse): it fixes the random init
+        entry = [] if image_cells else [StageFuse(stage_chs[0], 0, self.cell_widths[0])]
+        in_chs, in_reduction = (in_chans, 1) if image_cells else (self.cell_widths[0], reductions[0])
+        stages = [LadderStage(stage_chs[k], reductions[k], self.cell_widths[k]) for k in range(first, len(stage_chs))]
+        try:
+            ladder = build_ladder(stages, in_chs, in_reduction, self.img_size, StageFuse, fuse_last=False,
+                                  kernel_size=kernel_size, state_mode=state_mode, state_slots=state_slots)
+        except ValueError as e:
+            raise ValueError(f'{backbone}: {e}') from e
+        self.cells = ladder.cells
+        self.fuses = nn.ModuleList([*entry, *ladder.fuses])
 
         self.num_stages = len(stage_chs)
         widths = [0] * first + self.cell_widths[first:]
@@ -191,9 +170,9 @@ class PTLNet(nn.Module):
         self.backbone_features = self.backbone.num_features
         self.num_features = self.backbone_features + self.cell_widths[-1]
         self.global_pool = global_pool
-        # Unnormalised, the pooled cell features vary 10 to 70x less across images than the backbone's (before
-        # and after fine-tuning, benchmarks/results/cell_scale.md) and the classifier ignores them; the paper's
-        # MGN head has a BN after the join. Optional: it measured worse on validation (README, Benchmarks).
+        # Unnormalised, the pooled cell features vary far less across images than the backbone's and the
+        # classifier ignores them; the paper's MGN head has a BN after the join. Optional, off by default:
+        # it did worse on validation (docs/benchmarks.md, "Defaults").
         self.cell_norm = nn.BatchNorm2d(self.cell_widths[-1]) if cell_norm else nn.Identity()
         self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head_hidden_size = self._pooled_width()
@@ -265,12 +244,7 @@ class PTLNet(nn.Module):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Backbone groups as the backbone defines them; the PTL branch and both heads form the last group,
         so fresh layers keep the full learning rate under ``--layer-decay``."""
-        matcher: Dict[str, Any] = {}
-        for group, spec in self.backbone.group_matcher(coarse=coarse).items():
-            if isinstance(spec, (list, tuple)):
-                matcher[group] = [(_prefix_pattern(p, 'backbone.'), suffix) for p, suffix in spec]
-            elif spec is not None:
-                matcher[group] = _prefix_pattern(spec, 'backbone.')
+        matcher = prefix_group_matcher(self.backbone.group_matcher(coarse=coarse), 'backbone.')
         covered = [re.compile(p) for spec in matcher.values()
                    for p in ([s[0] for s in spec] if isinstance(spec, list) else [spec])]
         head = sorted({
@@ -313,16 +287,9 @@ class PTLNet(nn.Module):
     def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Cell output c_k (B, w_k, H_k, W_k) of every stage given its features (None: no cell there)."""
         first = self.first_cell_stage
-        outs: List[Optional[torch.Tensor]] = []
-        h = x
-        for k, feat in enumerate(feats):
-            c = self.cells[k - first](h) if k >= first else None
-            if c is not None and c.shape[-2:] != feat.shape[-2:]:  # odd sizes: padding rules differ by a pixel
-                c = F.interpolate(c, size=feat.shape[-2:], mode='bilinear', align_corners=False)
-            outs.append(c)
-            if k < len(self.fuses):
-                h = self.fuses[k](feat, c)
-        return outs
+        h = self.fuses[0](feats[0]) if first and self.fuses else x
+        outs, _ = run_ladder(self.cells, self.fuses, h, feats[first:], fuse_offset=first)
+        return [None] * first + outs
 
     def forward_intermediates(
             self,
@@ -368,10 +335,7 @@ class PTLNet(nn.Module):
         return take_indices
 
     def _join(self, final: torch.Tensor, cell_out: torch.Tensor) -> torch.Tensor:
-        cell_out = self.cell_norm(cell_out)
-        if cell_out.shape[-2:] != final.shape[-2:]:
-            cell_out = F.interpolate(cell_out, size=final.shape[-2:], mode='bilinear', align_corners=False)
-        return torch.cat([final, cell_out], dim=1)
+        return torch.cat([final, match_size(self.cell_norm(cell_out), final)], dim=1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -389,3 +353,195 @@ class PTLNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PTLNet) -> Dict[str, torch.Tensor]:
+    """Fit a plain backbone checkpoint or a full PTL checkpoint to ``model``.
+
+    A plain checkpoint of the backbone goes through the backbone module's own filter, loses the
+    backbone's classifier (the PTL head replaces it) and gets the ``backbone.`` prefix; the PTL branch
+    and the head keep their fresh initialisation (logged). Keys or shapes that do not fit raise a
+    ValueError listing them.
+    """
+    is_ptl_checkpoint = any(k.startswith('backbone.') for k in state_dict)
+    if not is_ptl_checkpoint:
+        bb_filter = backbone_filter_fn(model.backbone_name)
+        if bb_filter is not None:
+            state_dict = bb_filter(state_dict, model.backbone)
+        bb_classifier = as_tuple(model.backbone.pretrained_cfg.get('classifier'))
+        head_keys = {f'{c}.{p}' for c in bb_classifier for p in ('weight', 'bias')}
+        backbone_keys = set(model.backbone.state_dict())
+        state_dict = {
+            f'backbone.{k}': v for k, v in state_dict.items() if k not in head_keys or k in backbone_keys
+        }
+        fresh = {k: v for k, v in model.state_dict().items() if not k.startswith('backbone.')}
+        groups = sorted({k.split('.', 1)[0] for k in fresh})
+        _logger.info(
+            f'Loaded a plain {model.backbone_name} checkpoint into the backbone ({len(state_dict)} tensors); '
+            f'{len(fresh)} PTL tensors start fresh ({", ".join(groups)}).')
+        state_dict.update(fresh)
+    kind = 'PTL' if is_ptl_checkpoint else f'plain {model.backbone_name}'
+    # timm adapts the input conv (in_chans) and drops the classifier (num_classes) after this filter
+    check_state_dict_fits(
+        state_dict, model, first_conv_prefixes(model) + ('fc.',),
+        f'The {kind} checkpoint does not fit the PTL model (backbone {model.backbone_name}, cell widths '
+        f'{model.cell_widths}, state_mode {model.state_mode})',
+        'It comes from another architecture or other PTL settings; create the model with the settings the '
+        'checkpoint was trained with.')
+    return state_dict
+
+
+def _create_ptl(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    kwargs.setdefault('feature_cfg', dict(feature_cls='getter', out_indices=None))
+    # a full-PTL tag (weights manifest) rebuilds the model its checkpoint holds: cell widths, state grid...
+    kwargs = dict(tag_model_args(_MANIFEST, variant, kwargs.get('pretrained_cfg')), **kwargs)
+    require_pretrained(variant, pretrained, kwargs)  # fail at once, not after the Hub's retries
+    return build_model_with_cfg(
+        PTLNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        backbone=backbone,
+        **kwargs,
+    )
+
+
+def ptl_pretrained_cfgs(backbone: str) -> Dict[str, Dict[str, Any]]:
+    """Pretrained cfgs 'ptl_X.tag' for every tag of timm's X: same weights source and preprocessing,
+    with the input conv under ``backbone.`` and the PTL head ``fc`` as classifier."""
+    cfgs = derived_pretrained_cfgs(
+        backbone, f'ptl_{backbone}', 'PTL branch and head start fresh.', prefix='backbone.', classifier='fc')
+    return cfgs or {f'ptl_{backbone}': dict(classifier='fc')}
+
+
+def create_ptl_model(backbone: str, pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """A PTL model around any timm CNN that reports stage features, registered or not.
+
+    ``backbone`` may carry a pretrained tag (``'convnext_nano.d1h_in1k'``); ``pretrained=True`` loads that
+    tag's backbone weights. Registered backbones give the same model as ``timm.create_model('ptl_X')``.
+    """
+    arch, tag = split_model_name_tag(backbone)
+    if timm.is_model(f'ptl_{arch}'):
+        name = f'ptl_{arch}.{tag}' if tag else f'ptl_{arch}'
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    check_model_name(arch)
+    cfg = tagged_cfg(ptl_pretrained_cfgs(arch), f'ptl_{arch}', tag, arch)
+    return _create_ptl(f'ptl_{arch}', arch, pretrained, pretrained_cfg=cfg, **kwargs)
+
+
+# read once: the full-PTL tags registered below and the model_args each of them rebuilds
+_MANIFEST = load_manifest()
+default_cfgs = generate_default_cfgs({
+    **ptl_pretrained_cfgs('resnet18'), **ptl_pretrained_cfgs('resnet34'), **ptl_pretrained_cfgs('resnet50'),
+    **ptl_pretrained_cfgs('resnet101'), **ptl_pretrained_cfgs('resnet152'),
+    **ptl_pretrained_cfgs('densenet121'), **ptl_pretrained_cfgs('densenet161'),
+    **ptl_pretrained_cfgs('densenet169'), **ptl_pretrained_cfgs('densenet201'),
+    **ptl_pretrained_cfgs('mobilenetv2_100'), **ptl_pretrained_cfgs('tf_efficientnet_lite0'),
+    **ptl_pretrained_cfgs('tf_efficientnet_lite1'), **ptl_pretrained_cfgs('tf_efficientnet_lite2'),
+    **ptl_pretrained_cfgs('efficientnet_b0'), **ptl_pretrained_cfgs('convnext_tiny'),
+    **ptl_pretrained_cfgs('regnety_016'),
+    **manifest_pretrained_cfgs(_MANIFEST),  # full-PTL tags, after the backbone tags (not default)
+})
+
+# DenseNet stages are wide for their parameter count: half the default width keeps the branch within the
+# parameter budget of the others (docs/benchmarks.md, "Cost").
+_DENSENET_ARGS = dict(width_mult=1 / 16)
+
+
+@register_model
+def ptl_resnet18(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``resnet18``: branch widths 8/8/16/32/64 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_resnet18', 'resnet18', pretrained, **kwargs)
+
+
+@register_model
+def ptl_resnet34(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``resnet34``: branch widths 8/8/16/32/64 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_resnet34', 'resnet34', pretrained, **kwargs)
+
+
+@register_model
+def ptl_resnet50(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``resnet50``: branch widths 8/32/64/128/256 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_resnet50', 'resnet50', pretrained, **kwargs)
+
+
+@register_model
+def ptl_resnet101(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``resnet101``: branch widths 8/32/64/128/256 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_resnet101', 'resnet101', pretrained, **kwargs)
+
+
+@register_model
+def ptl_resnet152(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``resnet152``: branch widths 8/32/64/128/256 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_resnet152', 'resnet152', pretrained, **kwargs)
+
+
+@register_model
+def ptl_densenet121(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``densenet121``: branch widths 8/16/32/64/64 (1/16 of its stage widths)."""
+    return _create_ptl('ptl_densenet121', 'densenet121', pretrained, **dict(_DENSENET_ARGS, **kwargs))
+
+
+@register_model
+def ptl_densenet161(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``densenet161``: branch widths 8/24/48/136/136 (1/16 of its stage widths)."""
+    return _create_ptl('ptl_densenet161', 'densenet161', pretrained, **dict(_DENSENET_ARGS, **kwargs))
+
+
+@register_model
+def ptl_densenet169(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``densenet169``: branch widths 8/16/32/80/104 (1/16 of its stage widths)."""
+    return _create_ptl('ptl_densenet169', 'densenet169', pretrained, **dict(_DENSENET_ARGS, **kwargs))
+
+
+@register_model
+def ptl_densenet201(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``densenet201``: branch widths 8/16/32/112/120 (1/16 of its stage widths)."""
+    return _create_ptl('ptl_densenet201', 'densenet201', pretrained, **dict(_DENSENET_ARGS, **kwargs))
+
+
+@register_model
+def ptl_mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``mobilenetv2_100``: branch widths 8/8/8/16/40 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_mobilenetv2_100', 'mobilenetv2_100', pretrained, **kwargs)
+
+
+@register_model
+def ptl_tf_efficientnet_lite0(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``tf_efficientnet_lite0``: branch widths 8/8/8/16/40 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_tf_efficientnet_lite0', 'tf_efficientnet_lite0', pretrained, **kwargs)
+
+
+@register_model
+def ptl_tf_efficientnet_lite1(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``tf_efficientnet_lite1``: branch widths 8/8/8/16/40 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_tf_efficientnet_lite1', 'tf_efficientnet_lite1', pretrained, **kwargs)
+
+
+@register_model
+def ptl_tf_efficientnet_lite2(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``tf_efficientnet_lite2``: branch widths 8/8/8/16/48 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_tf_efficientnet_lite2', 'tf_efficientnet_lite2', pretrained, **kwargs)
+
+
+@register_model
+def ptl_efficientnet_b0(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``efficientnet_b0``: branch widths 8/8/8/16/40 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_efficientnet_b0', 'efficientnet_b0', pretrained, **kwargs)
+
+
+@register_model
+def ptl_convnext_tiny(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``convnext_tiny``: branch widths 16/24/48/96 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_convnext_tiny', 'convnext_tiny', pretrained, **kwargs)
+
+
+@register_model
+def ptl_regnety_016(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``regnety_016``: branch widths 8/8/16/40/112 (1/8 of its stage widths)."""
+    return _create_ptl('ptl_regnety_016', 'regnety_016', pretrained, **kwargs)
+
+
+# The entry points above are the list of models; this is that list by backbone.
+PTL_BACKBONES: Tuple[str, ...] = tuple(
+    name[len('ptl_'):] for name in timm.list_models(module=__name__.rsplit('.', 1)[-1]))

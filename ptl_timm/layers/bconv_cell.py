@@ -22,22 +22,21 @@ from typing import Iterator, Literal, Tuple, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import nn
 
 __all__ = [
     'BConvCell', 'StateMode', 'STATE_MODES', 'DEFAULT_STATE_MODE',
-    'bconv_cells', 'reset_state', 'freeze_state', 'unfreeze_state',
+    'bconv_cells', 'reset_state', 'freeze_state', 'unfreeze_state', 'stride_chain',
 ]
 
 StateMode = Literal['shared', 'carried', 'reset']
 STATE_MODES: Tuple[str, ...] = ('shared', 'carried', 'reset')
 
-# 'shared' keeps one dataset-level state (1, C, Hs, Ws): a sample's output never depends on which
-# samples share its batch, in training as in eval, train and eval read the same state, and the buffer is
-# S times smaller than 'carried'. Validation does not separate the rules (benchmarks/results/
-# transfer_default.md, 3 tasks, 2 backbones, 10-100 images per class: shared - reset -0.56 [-1.52, +0.41],
-# shared - carried -0.29 [-1.32, +0.74] points); 'shared' leads 'reset' at 50 images per class and is the
-# method's carried state, so it is the default. README "Benchmarks" has the reasoning.
+# 'shared' keeps one dataset-level state (1, C, Hs, Ws): a sample's output never depends on which samples
+# share its batch, train and eval read the same state, and the buffer is S times smaller than 'carried'.
+# Validation does not separate the three rules, so the method's carried state is the default: see
+# docs/benchmarks.md, "Defaults".
 DEFAULT_STATE_MODE: StateMode = 'shared'
 
 
@@ -95,7 +94,7 @@ class BConvCell(nn.Module):
             raise ValueError(f'kernel_size must be odd to keep the grid aligned, got {kernel_size}.')
         if state_slots < 1:
             raise ValueError(f'state_slots must be >= 1, got {state_slots}.')
-        state_size = (state_size, state_size) if isinstance(state_size, int) else tuple(state_size)
+        state_size = to_2tuple(state_size)
         self.in_chs = in_chs
         self.out_chs = out_chs
         self.stride = stride

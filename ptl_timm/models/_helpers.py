@@ -1,0 +1,112 @@
+"""What the model files share (``ptl_*`` PTLNet, MGN, the BNNeck ReID models): backbone names, pretrained cfgs
+derived from a backbone's, group matchers under a prefix, and checkpoint fitting with errors that list the keys."""
+import dataclasses
+import difflib
+import re
+import sys
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import timm
+import torch
+from timm.models import get_arch_pretrained_cfgs, model_entrypoint, split_model_name_tag
+from torch import nn
+
+__all__ = [
+    'as_tuple', 'check_model_name', 'backbone_filter_fn', 'derived_pretrained_cfgs', 'tagged_cfg',
+    'prefix_group_matcher', 'first_conv_prefixes', 'check_state_dict_fits',
+]
+
+# Names timm's model modules give the filter they pass to build_model_with_cfg as pretrained_filter_fn.
+_BACKBONE_FILTER_NAMES = ('checkpoint_filter_fn', '_filter_fn', '_filter_torchvision_pretrained')
+
+
+def as_tuple(names: Any) -> Tuple[str, ...]:
+    """A pretrained cfg's name field (None, one name or several) as a tuple."""
+    if not names:
+        return ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ValueError naming close matches when timm does not know the model ``name``."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        hint = f' Close matches: {", ".join(close)}.' if close else ''
+        raise ValueError(f'Unknown timm backbone {name!r}.{hint} See timm.list_models() for every name.')
+
+
+def backbone_filter_fn(backbone: str) -> Optional[Callable]:
+    """The checkpoint filter timm's module for ``backbone`` applies to its pretrained weights, if any."""
+    module = sys.modules.get(model_entrypoint(backbone).__module__)
+    for name in _BACKBONE_FILTER_NAMES:
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def derived_pretrained_cfgs(
+        backbone: str, name: str, note: str, prefix: str = '', **changes: Any) -> Dict[str, Dict[str, Any]]:
+    """Pretrained cfgs ``name.tag`` for every tag of the registered ``backbone``: the same weights source and
+    preprocessing, the input conv under ``prefix``, ``changes`` applied, and a note naming the source weights."""
+    cfgs = {}
+    for source, cfg in get_arch_pretrained_cfgs(backbone).items():
+        tag = split_model_name_tag(source)[1]
+        cfg = dataclasses.asdict(cfg)
+        cfg.update(
+            architecture=None, tag=None,
+            first_conv=tuple(f'{prefix}{n}' for n in as_tuple(cfg.get('first_conv'))) or None,
+            notes=as_tuple(cfg.get('notes')) + (f'Backbone weights: {source}; {note}',),
+            **changes,
+        )
+        cfgs[f'{name}.{tag}' if tag else name] = cfg
+    return cfgs
+
+
+def tagged_cfg(cfgs: Dict[str, Dict[str, Any]], name: str, tag: str, backbone: str) -> Dict[str, Any]:
+    """The cfg of ``name.tag`` among ``cfgs`` (the default one without a tag), as an unregistered model's
+    ``pretrained_cfg``; a ValueError lists the tags ``backbone`` has."""
+    key = f'{name}.{tag}' if tag else next(iter(cfgs))
+    if key not in cfgs:
+        raise ValueError(f'{backbone} has no pretrained tag {tag!r}; its tags: '
+                         f'{", ".join(k.split(".", 1)[1] for k in cfgs if "." in k)}.')
+    return dict(cfgs[key], architecture=name)
+
+
+def _prefix_pattern(pattern: str, prefix: str) -> str:
+    """Anchor a timm group_matcher regex (whose alternatives may start with '^') under ``prefix``."""
+    unanchored = re.sub(r'(^|[|(])\^', r'\1', pattern)
+    return rf'^{re.escape(prefix)}(?:{unanchored})'
+
+
+def prefix_group_matcher(matcher: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    """A submodule's ``group_matcher`` as its parent's, the submodule living under ``prefix``."""
+    out: Dict[str, Any] = {}
+    for group, spec in matcher.items():
+        if isinstance(spec, (list, tuple)):
+            out[group] = [(_prefix_pattern(p, prefix), suffix) for p, suffix in spec]
+        elif spec is not None:
+            out[group] = _prefix_pattern(spec, prefix)
+    return out
+
+
+def first_conv_prefixes(model: nn.Module) -> Tuple[str, ...]:
+    """Key prefixes of the input conv(s) in ``model``'s pretrained cfg: timm adapts them to ``in_chans``."""
+    return tuple(f'{n}.' for n in as_tuple(getattr(model, 'pretrained_cfg', {}).get('first_conv')))
+
+
+def check_state_dict_fits(
+        state_dict: Dict[str, torch.Tensor], model: nn.Module, skip: Tuple[str, ...], what: str, fix: str) -> None:
+    """Raise a ValueError ``what:`` + the missing, unexpected and misshapen keys + ``fix`` when ``state_dict``
+    does not fit ``model`` (shapes under the ``skip`` prefixes are left to timm, which adapts them)."""
+    expected = model.state_dict()
+    problems = [f'missing {k}' for k in expected if k not in state_dict]
+    problems += [f'unexpected {k}' for k in state_dict if k not in expected]
+    problems += [
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape and not k.startswith(skip)
+    ]
+    if problems:
+        shown = '\n  '.join(problems[:20]) + (f'\n  ... {len(problems) - 20} more' if len(problems) > 20 else '')
+        raise ValueError(f'{what}:\n  {shown}\n{fix}')

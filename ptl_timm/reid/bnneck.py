@@ -1,0 +1,220 @@
+"""BNNeck ReID models over any timm or ``ptl_*`` backbone, and the registered ``reid_*`` ones.
+
+``reid_<backbone>`` (e.g. ``reid_ptl_resnet50``, ``reid_resnet50``) is the BNNeck global-feature model
+(Luo et al., "Bag of Tricks", 2019): pooled backbone feature -> BatchNorm (bias fixed at 0) -> linear
+classifier without bias. Any other timm or ``ptl_*`` backbone: :func:`create_reid_model`.
+
+Outputs: eval mode ``model(x)`` is the embedding (B, D), deterministic and independent of the batch, ready to
+L2-normalise; ``forward_head(x, pre_logits=True)`` gives the same. Train mode ``model(x)`` and
+``forward_head(x)`` give a :class:`~ptl_timm.reid.losses.ReIDOutput` (logits for cross-entropy, features for
+the triplet loss, embedding) for :class:`~ptl_timm.reid.losses.ReIDLoss`.
+"""
+from typing import Any, Dict, Optional, Tuple, Union
+
+import timm
+import torch
+from timm.layers import to_2tuple
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    model_entrypoint,
+    register_model,
+    split_model_name_tag,
+)
+from torch import nn
+
+from ..hub.cache import require_pretrained
+from ..models import ptlnet
+from ..models._helpers import (
+    backbone_filter_fn,
+    check_model_name,
+    derived_pretrained_cfgs,
+    first_conv_prefixes,
+    prefix_group_matcher,
+    tagged_cfg,
+)
+from ..models.ptlnet import PTLNet, checkpoint_filter_fn
+from ._common import REID_CFG, fit_checkpoint
+from .losses import ReIDOutput
+
+__all__ = ['ReIDNet', 'create_reid_model', 'reid_checkpoint_filter_fn', 'REID_INPUT_SIZE', 'REID_BACKBONES']
+
+REID_INPUT_SIZE = (3, 256, 128)
+
+
+class ReIDNet(nn.Module):
+    """BNNeck global-feature ReID model over any timm or ``ptl_*`` backbone.
+
+    pooled feature f (B, D) -> BN (bias fixed at 0) -> embedding (B, D) -> linear (no bias) -> logits.
+    The triplet loss sees f, the cross-entropy the logits, retrieval the embedding.
+
+    Args:
+        backbone: timm model name, ``ptl_*`` included (created without weights; the registered
+            ``reid_*`` models load them with ``pretrained=True``).
+        num_classes: training identities (0: no classifier).
+        in_chans: image channels.
+        img_size: nominal input (H, W); a PTL backbone stores its cells' state at the grids it gives.
+        **backbone_kwargs: passed to the backbone (``drop_path_rate``, ``state_mode``, ...).
+    """
+
+    def __init__(
+            self,
+            backbone: str,
+            num_classes: int = 751,
+            in_chans: int = 3,
+            img_size: Union[int, Tuple[int, int]] = REID_INPUT_SIZE[1:],
+            **backbone_kwargs: Any,
+    ):
+        super().__init__()
+        check_model_name(split_model_name_tag(backbone)[0])
+        self.backbone_name = backbone
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.img_size = to_2tuple(img_size)
+        if _is_ptl(backbone):
+            backbone_kwargs['img_size'] = self.img_size
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans,
+                                          **backbone_kwargs)
+        # width of forward_head(pre_logits=True), which can differ from num_features (e.g. a conv head after pooling)
+        self.num_features = self.head_hidden_size = getattr(self.backbone, 'head_hidden_size', None) or \
+            self.backbone.num_features
+        self.neck = nn.BatchNorm1d(self.num_features)
+        self.neck.bias.requires_grad_(False)  # BNNeck: no shift, the embedding stays centred
+        self.classifier = self._classifier(num_classes)
+
+    def _classifier(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        fc = nn.Linear(self.num_features, num_classes, bias=False)
+        nn.init.normal_(fc.weight, std=0.001)
+        return fc
+
+    @torch.jit.ignore
+    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
+        return 'classifier' if name_only else self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self.backbone.reset_classifier(0, global_pool)
+        self.num_classes = num_classes
+        self.classifier = self._classifier(num_classes)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        matcher = prefix_group_matcher(self.backbone.group_matcher(coarse=coarse), 'backbone.')
+        matcher['neck'] = r'^neck|^classifier'
+        return matcher
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> Union[torch.Tensor, ReIDOutput]:
+        f = self.backbone.forward_head(x, pre_logits=True)
+        embedding = self.neck(f)
+        if pre_logits:
+            return embedding
+        logits = [self.classifier(embedding)] if self.num_classes > 0 else []
+        return ReIDOutput(logits=logits, features=[f], embedding=embedding)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, ReIDOutput]:
+        return self.forward_head(self.forward_features(x), pre_logits=not self.training)
+
+
+def _is_ptl(name: str) -> bool:
+    arch = split_model_name_tag(name)[0]
+    return timm.is_model(arch) and model_entrypoint(arch).__module__ == ptlnet.__name__
+
+
+def reid_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ReIDNet) -> Dict[str, torch.Tensor]:
+    """Fit a checkpoint of the backbone (plain timm or PTL, through its own filter) or a full ReIDNet one."""
+    is_reid = any(k.startswith('neck.') for k in state_dict)
+    if not is_reid:
+        bb = model.backbone
+        if isinstance(bb, PTLNet):
+            state_dict = checkpoint_filter_fn(state_dict, bb)
+        else:
+            bb_filter = backbone_filter_fn(split_model_name_tag(model.backbone_name)[0])
+            if bb_filter is not None:
+                state_dict = bb_filter(state_dict, bb)
+            keys = bb.state_dict()
+            state_dict = {k: v for k, v in state_dict.items() if k in keys}  # drops the ImageNet classifier
+        state_dict = {f'backbone.{k}': v for k, v in state_dict.items()}
+    return fit_checkpoint(state_dict, model, ('neck.', 'classifier.'), first_conv_prefixes(model) + ('classifier.',),
+                          'ReID' if is_reid else f'plain {model.backbone_name}')
+
+
+def _create_reid(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    require_pretrained(variant, pretrained, kwargs)
+    return build_model_with_cfg(ReIDNet, variant, pretrained, pretrained_filter_fn=reid_checkpoint_filter_fn,
+                                backbone=backbone, **kwargs)
+
+
+def _reid_cfgs(backbone: str) -> Dict[str, Dict[str, Any]]:
+    cfgs = derived_pretrained_cfgs(backbone, f'reid_{backbone}', 'ReID layers start fresh.', prefix='backbone.',
+                                   classifier='classifier', input_size=REID_INPUT_SIZE, **REID_CFG)
+    return cfgs or {f'reid_{backbone}': dict(input_size=REID_INPUT_SIZE, classifier='classifier', num_classes=0)}
+
+
+def create_reid_model(backbone: str, pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    """BNNeck ReID model over any timm or ``ptl_*`` backbone (``'convnext_nano'``, ``'ptl_densenet121.tv_in1k'``).
+
+    ``pretrained=True`` loads the backbone tag's weights (default tag if none is given); registered
+    ``reid_*`` names give the same model as ``timm.create_model``.
+    """
+    arch, tag = split_model_name_tag(backbone)
+    check_model_name(arch)
+    name = f'reid_{arch}'
+    if timm.is_model(name):
+        return timm.create_model(f'{name}.{tag}' if tag else name, pretrained=pretrained, **kwargs)
+    return _create_reid(name, arch, pretrained, pretrained_cfg=tagged_cfg(_reid_cfgs(arch), name, tag, arch), **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    **_reid_cfgs('resnet50'), **_reid_cfgs('ptl_resnet50'), **_reid_cfgs('resnet18'), **_reid_cfgs('ptl_resnet18'),
+    **_reid_cfgs('mobilenetv2_100'), **_reid_cfgs('ptl_mobilenetv2_100'),
+})
+
+
+@register_model
+def reid_resnet50(pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    """BNNeck ReID model over ``resnet50``, input 256x128."""
+    return _create_reid('reid_resnet50', 'resnet50', pretrained, **kwargs)
+
+
+@register_model
+def reid_ptl_resnet50(pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    """BNNeck ReID model over ``ptl_resnet50``, input 256x128."""
+    return _create_reid('reid_ptl_resnet50', 'ptl_resnet50', pretrained, **kwargs)
+
+
+@register_model
+def reid_resnet18(pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    """BNNeck ReID model over ``resnet18``, input 256x128."""
+    return _create_reid('reid_resnet18', 'resnet18', pretrained, **kwargs)
+
+
+@register_model
+def reid_ptl_resnet18(pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    """BNNeck ReID model over ``ptl_resnet18``, input 256x128."""
+    return _create_reid('reid_ptl_resnet18', 'ptl_resnet18', pretrained, **kwargs)
+
+
+@register_model
+def reid_mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    """BNNeck ReID model over ``mobilenetv2_100``, input 256x128."""
+    return _create_reid('reid_mobilenetv2_100', 'mobilenetv2_100', pretrained, **kwargs)
+
+
+@register_model
+def reid_ptl_mobilenetv2_100(pretrained: bool = False, **kwargs: Any) -> ReIDNet:
+    """BNNeck ReID model over ``ptl_mobilenetv2_100``, input 256x128."""
+    return _create_reid('reid_ptl_mobilenetv2_100', 'ptl_mobilenetv2_100', pretrained, **kwargs)
+
+
+# The entry points above are the registered BNNeck models; this is that list by backbone.
+REID_BACKBONES: Tuple[str, ...] = tuple(
+    name[len('reid_'):] for name in timm.list_models(module=__name__.rsplit('.', 1)[-1]))

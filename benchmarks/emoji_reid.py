@@ -1,7 +1,7 @@
 """Many-identity re-identification on emoji artwork: where PTL's premise can hold.
 
 Identity = emoji (skin tones merged), camera = vendor (Apple, Google, Twitter, Facebook; real artwork from
-npm, ``ptl_timm.data.load_emoji_reid``). Half the identities are the test set, never used for a decision;
+npm, ``ptl_timm.offline.datasets.load_emoji_reid``). Half the identities are the test set, never used for a decision;
 a fifth of the other half is the validation set every design choice is made on; the rest (750 identities,
 5,980 images) trains. Batches of P=16 identities x K=4 images see about 2 % of the training identities,
 the regime of the PTL paper (Market-1501: 0.5 %) and of the cross-batch methods that work.
@@ -113,18 +113,16 @@ MAIN_VARIANTS = ('imagenet', 'plain', 'control', 'shared', 'carried', 'reset', '
 # --- data -----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Split:
-    images: torch.Tensor  # uint8 (N, 3, S, S)
+    images: np.ndarray  # uint8 (N, S, S, 3)
     pids: np.ndarray
     camids: np.ndarray
 
 
-def to_input(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> ImageNet-normalised float (B, 3, size, size), channels-last (as the models)."""
-    x = images.float().div_(255)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False, antialias=True)
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    return x.contiguous(memory_format=torch.channels_last)
+def to_input(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> ImageNet-normalised float (B, 3, size, size), channels-last (as the models)."""
+    from ptl_timm.offline.datasets import to_model_input
+
+    return to_model_input(images, size, MEAN, STD, antialias=True).contiguous(memory_format=torch.channels_last)
 
 
 def load_splits(args: argparse.Namespace) -> Dict[str, Split]:
@@ -134,11 +132,10 @@ def load_splits(args: argparse.Namespace) -> Dict[str, Split]:
     ids = data.identity_split(len(ds.identities), seed=args.split_seed)
     if args.max_identities:  # --quick: a subset of each part
         ids = data.IdentitySplit(*(part[:args.max_identities] for part in (ids.train, ids.val, ids.test)))
-    images = torch.from_numpy(ds.images).permute(0, 3, 1, 2)
     out = {}
     for name in ('train', 'val', 'test'):
         keep = np.isin(ds.pids, getattr(ids, name))
-        out[name] = Split(images[keep].contiguous(), ds.pids[keep], ds.camids[keep])
+        out[name] = Split(ds.images[keep], ds.pids[keep], ds.camids[keep])
     # training identities as classifier indices 0..N-1
     out['train'].pids = np.unique(out['train'].pids, return_inverse=True)[1]
     return out
@@ -290,7 +287,7 @@ def train(model: nn.Module, variant: Variant, split: Split, args: argparse.Names
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: torch.Tensor, size: int, batch: int = 256) -> torch.Tensor:
+def embed(model: nn.Module, images: np.ndarray, size: int, batch: int = 256) -> torch.Tensor:
     model.eval()
     return torch.cat([model(to_input(images[s:s + batch], size)) for s in range(0, len(images), batch)])
 
@@ -544,7 +541,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--margin', type=float, default=0.3)
     p.add_argument('--xbm-memory', type=int, default=1024, help='embeddings in the XBM memory')
     p.add_argument('--split-seed', type=int, default=0, help='fixes the identity split (keep it for all runs)')
-    p.add_argument('--root', type=Path, help='node_modules folder of the emoji packages (default: ptl_timm.data)')
+    p.add_argument('--root', type=Path, help='node_modules folder of the emoji packages (default: see load_emoji_reid)')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--out', type=Path, default=RESULTS_DIR / 'emoji_reid.jsonl')
     p.add_argument('--quick', action='store_true', help='one seed, 2 epochs, 40 identities per part: a smoke test')

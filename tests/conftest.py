@@ -16,6 +16,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope='session')
+def device() -> torch.device:
+    """The device of the tests that take this fixture (and are marked ``device``): TORCH_DEVICE, as in timm's
+    own tests, default cpu. ``TORCH_DEVICE=cuda python -m pytest -m device`` runs them on a GPU."""
+    name = os.environ.get('TORCH_DEVICE', 'cpu')
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        pytest.fail(f'TORCH_DEVICE={name} but torch sees no CUDA device: a device run must not fall back to the CPU.')
+    return device
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that takes the ``device`` fixture ``device``: ``-m device`` selects the device suite."""
+    for item in items:
+        if 'device' in getattr(item, 'fixturenames', ()):
+            item.add_marker(pytest.mark.device)
+
+
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch):
     """An empty Hub cache, offline mode on; huggingface_hub read both at import time, so patch its constants."""

@@ -364,8 +364,8 @@ def planned(args: argparse.Namespace) -> Iterator[Tuple[str, str, int]]:
     for schedule in args.schedules:
         for seed in args.seeds:
             for variant in args.variants:
-                if variant == 'imagenet' and schedule != args.schedules[0]:
-                    continue  # no training: one record serves every schedule
+                if variant == 'imagenet' and (schedule, seed) != (args.schedules[0], args.seeds[0]):
+                    continue  # no training, no randomness: one record serves every schedule and seed
                 yield schedule, variant, seed
 
 
@@ -480,15 +480,18 @@ def report(records: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str,
                 lines.append('')
         probe = [v for v in variants if recs[v] and 'test_state_zeroed' in next(iter(recs[v].values()))]
         if probe:
-            lines += ['### What the state and the cells contribute at inference (test mAP; same trained models)', '',
-                      '| variant | as trained | state zeroed (reference eval) | cells\' output zeroed |',
-                      '|---|---|---|---|']
+            lines += ['### What the state and the cells contribute at inference (mAP; the same trained models)', '',
+                      'Evaluated again with the latent state zeroed (the reference code\'s evaluation) and with the '
+                      'cells\' output zeroed; changes against the model as trained, paired, 95 % CI.', '',
+                      '| variant | part | as trained | state zeroed | cells\' output zeroed |', '|---|---|---|---|---|']
             for v in probe:
                 rs = list(recs[v].values())
-                lines.append(f'| {v} | {_fmt_mean([r["test"]["mAP"] for r in rs])} | '
-                             f'{_fmt_ci([r["test_state_zeroed"]["mAP"] - r["test"]["mAP"] for r in rs])} | '
-                             f'{_fmt_ci([r["test_cells_off"]["mAP"] - r["test"]["mAP"] for r in rs])} |')
-            lines += ['', 'Columns 3 and 4 are changes against column 2 (paired, 95 % CI).', '']
+                for part in ('val', 'test'):
+                    lines.append(
+                        f'| {v} | {part} | {_fmt_mean([r[part]["mAP"] for r in rs])} | '
+                        f'{_fmt_ci([r[f"{part}_state_zeroed"]["mAP"] - r[part]["mAP"] for r in rs])} | '
+                        f'{_fmt_ci([r[f"{part}_cells_off"]["mAP"] - r[part]["mAP"] for r in rs])} |')
+            lines.append('')
     env = records[-1].get('env', {})
     lines += [f'Environment of the last run: {env.get("cpu")}, torch {env.get("torch")}, timm {env.get("timm")}, '
               f'{env.get("torch_threads")} thread(s); ptl_timm core {records[-1].get("core")}, commit '

@@ -384,8 +384,8 @@ def run_grid(args: argparse.Namespace) -> None:
     for schedule, name, seed in _progress(todo):
         sett = settings(args, schedule)
         key = run_key(schedule, name, seed, sett)
-        if key in done:
-            continue
+        if key in done or key in {r['key'] for r in read_records(args.out)}:
+            continue  # finished before this process started, or since by another process on the same file
         variant = VARIANTS[name]
         model = build_model(variant, num_classes, args, seed)
         fit = train(model, variant, splits['train'], args, seed, sett['epochs']) if variant.train else {}

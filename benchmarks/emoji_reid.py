@@ -534,7 +534,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--schedules', default='short,long', help=f'comma list of {list(SCHEDULES)}')
     p.add_argument('--variants', default=','.join(MAIN_VARIANTS), help=f'comma list of {list(VARIANTS)}')
-    p.add_argument('--seeds', default='5', help='a count (0..N-1) or a comma list')
+    p.add_argument('--seeds', default='5', help='a count N (seeds 0..N-1) or a comma list (one seed: "3,")')
     p.add_argument('--shard', default='0/1', help='i/n: run every n-th planned run starting at i')
     p.add_argument('--img-size', type=int, default=64)
     p.add_argument('--p', type=int, default=16)
@@ -556,7 +556,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         bad = [x for x in getattr(args, f'{name}s') if x not in known]
         if bad:
             p.error(f'unknown {name}(s) {bad}; choose from {list(known)}')
-    args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(',')]
+    if args.seeds.isdigit() and int(args.seeds) < 1:
+        p.error(f'--seeds {args.seeds} is a count of seeds and runs nothing; for seed 0 alone write a list: --seeds 0,')
+    args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(',') if s]
     args.shard = tuple(int(x) for x in args.shard.split('/'))
     args.max_identities = None
     args.quick_epochs = 2  # XBM switches on after the first epoch

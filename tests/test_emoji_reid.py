@@ -110,3 +110,13 @@ def test_benchmark_quick_run_and_report(emoji_root, tmp_path):
     assert (tmp_path / 'runs.png').stat().st_size > 0
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and len(out.read_text().splitlines()) == 4  # finished runs are skipped
+
+
+def test_benchmark_refuses_a_seed_count_of_zero(tmp_path):
+    """``--seeds 0`` reads as a count and would run nothing: the error names the list form for seed 0 alone."""
+    script = Path(__file__).resolve().parent.parent / 'benchmarks' / 'emoji_reid.py'
+    cmd = [sys.executable, str(script), '--seeds', '0', '--out', str(tmp_path / 'runs.jsonl')]
+    env = repo_on_pythonpath({'PATH': '/usr/bin:/bin'})
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and '--seeds 0,' in done.stderr
+    assert not (tmp_path / 'runs.jsonl').exists()

@@ -20,7 +20,9 @@ Variants (``--variants``), see ``VARIANTS``:
   xbm        plain + a cross-batch memory of past embeddings in the triplet term (pytorch-metric-learning's
              CrossBatchMemory, XBM, Wang et al. 2020), switched on after the first epoch
 Every PTL run is also scored with its state zeroed (the reference code's evaluation) and with the cells'
-output zeroed (what the cells contribute at inference).
+output zeroed (what the cells contribute at inference). The variants under study (where else a carried state
+can act: ``ema``, ``shared_xbm``, ``shared_idmem``, ...) are chosen on validation: the report shows only their
+validation scores.
 
 Runs append to ``benchmarks/results/emoji_reid.jsonl`` as they finish (a rerun skips finished runs; shards
 let several processes share the grid); ``--report`` writes emoji_reid.md / .json / .png from it::
@@ -454,10 +456,10 @@ def report(records: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str,
                   ', '.join(f'{v} {len(recs[v])}' for v in variants if recs[v]) + '.', '']
         summary[schedule] = {}
         for part in ('test', 'val'):
+            # variants under study are chosen on validation: their test scores stay out of the report
+            shown = [v for v in variants if recs[v] and (part == 'val' or v in MAIN_VARIANTS)]
             lines += [f'### {part}', '', '| variant | mAP | rank-1 | mINP | train s |', '|---|---|---|---|---|']
-            for v in variants:
-                if not recs[v]:
-                    continue
+            for v in shown:
                 rs = list(recs[v].values())
                 vals = {m: [r[part][m] for r in rs] for m in ('mAP', 'rank1', 'mINP')}
                 secs = [r['train_s'] for r in rs if 'train_s' in r]
@@ -466,7 +468,7 @@ def report(records: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str,
                              ' | '.join(_fmt_mean(vals[m]) for m in vals) + ' | - |')
                 summary[schedule].setdefault(part, {})[v] = {m: float(np.mean(x)) for m, x in vals.items()}
             lines.append('')
-            pairs = [(a, b) for a, b in COMPARISONS if recs.get(a) and recs.get(b)]
+            pairs = [(a, b) for a, b in COMPARISONS if a in shown and b in shown]
             if pairs:
                 lines += ['| paired difference (mAP) | seeds | mean [95 % CI] | rank-1 |', '|---|---|---|---|']
                 for a, b in pairs:
@@ -486,7 +488,7 @@ def report(records: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str,
                       '| variant | part | as trained | state zeroed | cells\' output zeroed |', '|---|---|---|---|---|']
             for v in probe:
                 rs = list(recs[v].values())
-                for part in ('val', 'test'):
+                for part in ('val', 'test') if v in MAIN_VARIANTS else ('val',):
                     lines.append(
                         f'| {v} | {part} | {_fmt_mean([r[part]["mAP"] for r in rs])} | '
                         f'{_fmt_ci([r[f"{part}_state_zeroed"]["mAP"] - r[part]["mAP"] for r in rs])} | '

@@ -66,6 +66,42 @@ def _average_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# The state is read and written by functions of the buffers: an FX trace records each as one call on the
+# live buffers, where operations on a buffer alone would run at trace time and bake its value into the graph.
+@torch.fx.wrap
+def _state_read(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, training: bool) -> torch.Tensor:
+    """The state (S, C, Hs, Ws) as read for the cell map ``c`` (B, C, H, W): per slot in training, the
+    dataset-level mean (1, C, Hs, Ws) in eval or when ``frozen``; at ``c``'s grid."""
+    prev = state.mean(0, keepdim=True)
+    if training:
+        # per-slot while updating, the dataset-level state when frozen: selected on the flag's value, not
+        # branched on it, so compiled and exported graphs serve both without a guard on the buffer's data.
+        # The shared state (one slot) is read the same way, per sample: a compiled backward (AOTAutograd)
+        # would otherwise re-read the single slot from the buffer after the in-place write.
+        slots = torch.arange(c.shape[0], device=state.device) % state.shape[0]
+        prev = torch.where(frozen, prev, state.index_select(0, slots))
+    return _resize(prev, c.shape[-2:])
+
+
+@torch.fx.wrap
+def _state_write(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, carried: bool) -> None:
+    """Write the detached cell map ``c`` (B, C, H, W) into ``state`` (S, C, Hs, Ws) in place, unless ``frozen``:
+    slot ``j % S`` gets the mean of its samples (``carried``), else the one slot the batch mean."""
+    c = _resize(c.float(), state.shape[-2:])
+    if carried:
+        num_slots = state.shape[0]
+        slots = torch.arange(c.shape[0], device=c.device) % num_slots
+        sums = torch.zeros_like(state, dtype=torch.float32).index_add_(0, slots, c)
+        counts = torch.bincount(slots, minlength=num_slots).to(sums.dtype).view(-1, 1, 1, 1)
+        new = torch.where(counts > 0, sums / counts.clamp(min=1), state.float())
+    else:
+        new = c.mean(0, keepdim=True)
+    if not torch.jit.is_scripting():
+        new = _average_over_ranks(new)
+    # always written, the frozen flag selecting the old value: data, not control flow (see _state_read)
+    state.copy_(torch.where(frozen, state, new.to(state.dtype)))
+
+
 class BConvCell(nn.Module):
     """BConv-Cell with a latent state carried across training mini-batches.
 
@@ -137,31 +173,11 @@ class BConvCell(nn.Module):
 
     def _read_state(self, c: torch.Tensor) -> torch.Tensor:
         """The state ``c_{t-1}`` for the cell map ``c`` (B, C, H, W), at its grid."""
-        prev = self.dataset_state()
-        if self.training:
-            # per-slot while updating, the dataset-level state when frozen: selected on the flag's value, not
-            # branched on it, so compiled and exported graphs serve both without a guard on the buffer's data.
-            # The shared state (one slot) is read the same way, per sample: a compiled backward (AOTAutograd)
-            # would otherwise re-read the single slot from the buffer after the in-place write below.
-            slots = torch.arange(c.shape[0], device=self.state.device) % self.state.shape[0]
-            prev = torch.where(self.state_frozen, prev, self.state.index_select(0, slots))
-        return _resize(prev, c.shape[-2:])
+        return _state_read(self.state, self.state_frozen, c, self.training)
 
     def _write_state(self, c: torch.Tensor) -> None:
         """Write the detached cell map ``c`` (B, C, H, W) into the state, unless the state is frozen."""
-        c = _resize(c.float(), self.state.shape[-2:])
-        if self.state_mode == 'carried':
-            num_slots = self.state.shape[0]
-            slots = torch.arange(c.shape[0], device=c.device) % num_slots
-            sums = torch.zeros_like(self.state, dtype=torch.float32).index_add_(0, slots, c)
-            counts = torch.bincount(slots, minlength=num_slots).to(sums.dtype).view(-1, 1, 1, 1)
-            new = torch.where(counts > 0, sums / counts.clamp(min=1), self.state.float())
-        else:
-            new = c.mean(0, keepdim=True)
-        if not torch.jit.is_scripting():
-            new = _average_over_ranks(new)
-        # always written, the frozen flag selecting the old value: data, not control flow (see _read_state)
-        self.state.copy_(torch.where(self.state_frozen, self.state, new.to(self.state.dtype)))
+        _state_write(self.state, self.state_frozen, c, self.state_mode == 'carried')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_channels(x, self.in_chs)

@@ -124,3 +124,12 @@ def test_fx_feature_extractor(extractor):
         expected = model.forward_intermediates(x, intermediates_only=True)
     for got, want in zip(out, expected):
         assert torch.equal(got, want)
+
+
+def test_created_on_meta_device():
+    """create_model(device='meta') places every tensor there (no allocation); reset_classifier follows the model's
+    device, dtype and mode."""
+    model = timm.create_model('ptl_resnet18', device='meta').eval()
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {'meta'}
+    model.reset_classifier(3)
+    assert model.fc.weight.device.type == 'meta' and not model.fc.training

@@ -129,6 +129,8 @@ class PTLNet(nn.Module):
             kernel_size: int = 3,
             image_cells: bool = False,
             cell_norm: bool = False,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
             **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -139,7 +141,8 @@ class PTLNet(nn.Module):
         self.state_mode = state_mode
         check_model_name(backbone)
         self.backbone = timm.create_model(
-            backbone, pretrained=False, num_classes=0, in_chans=in_chans, global_pool=global_pool, **backbone_kwargs)
+            backbone, pretrained=False, num_classes=0, in_chans=in_chans, global_pool=global_pool, device=device,
+            dtype=dtype, **backbone_kwargs)
         self._check_backbone()
         stage_info = self.backbone.feature_info
         stage_chs = [info['num_chs'] for info in stage_info]
@@ -184,6 +187,13 @@ class PTLNet(nn.Module):
         self.head_hidden_size = self._pooled_width()
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)  # the branch and the head; the backbone was created there
+
+    def _example(self, *shape: int) -> torch.Tensor:
+        """Zeros of ``shape`` on the backbone's device and dtype (a model created on 'meta' included)."""
+        ref = next(self.backbone.parameters())
+        return torch.zeros(shape, device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()
     def _check_backbone(self) -> None:
@@ -199,7 +209,7 @@ class PTLNet(nn.Module):
         was_training = bb.training
         bb.eval()
         try:
-            final, feats = bb.forward_intermediates(torch.zeros(1, self.in_chans, *size))
+            final, feats = bb.forward_intermediates(self._example(1, self.in_chans, *size))
         except Exception as e:
             raise ValueError(f'{name} cannot run on a {size} input ({e}); PTL needs a CNN '
                              'without a fixed input size.') from e
@@ -220,7 +230,7 @@ class PTLNet(nn.Module):
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            pooled = self.backbone.forward_head(torch.zeros(1, self.backbone_features, 2, 2), pre_logits=True)
+            pooled = self.backbone.forward_head(self._example(1, self.backbone_features, 2, 2), pre_logits=True)
         finally:
             self.backbone.train(was_training)
         return pooled.shape[1] + self.cell_widths[-1] * self.cell_pool.feat_mult()
@@ -282,7 +292,10 @@ class PTLNet(nn.Module):
             self.backbone.reset_classifier(0, global_pool)
             self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
             self.head_hidden_size = self._pooled_width()
-        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        ref = next(self.backbone.parameters())
+        self.fc = nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.fc.train(self.training)
 
     def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
         """Cell output c_k (B, w_k, H_k, W_k) of every stage given its features (None: no cell there).

@@ -133,3 +133,21 @@ def test_created_on_meta_device():
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {'meta'}
     model.reset_classifier(3)
     assert model.fc.weight.device.type == 'meta' and not model.fc.training
+
+
+@pytest.mark.parametrize('feature_cls', ['getter', 'hook'])
+def test_reid_features_only_gives_the_backbone_maps(feature_cls):
+    """A BNNeck ReID model's features are its (PTL) backbone's stage maps, under ``backbone.``."""
+    torch.manual_seed(0)
+    model = timm.create_model('reid_ptl_resnet18', img_size=(64, 32)).eval()
+    features = timm.create_model('reid_ptl_resnet18', img_size=(64, 32), features_only=True,
+                                 feature_cls=feature_cls, out_indices=(1, 3)).eval()
+    inner = next(m for m in features.modules() if type(m).__name__ == 'ReIDNet')
+    inner.load_state_dict({k: v for k, v in model.state_dict().items() if k in inner.state_dict()})
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        out = features(x)
+        expected = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert features.feature_info.channels() == [72, 288]
+    for got, want in zip(out, expected):
+        assert torch.equal(got, want)

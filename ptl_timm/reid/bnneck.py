@@ -64,6 +64,8 @@ class ReIDNet(nn.Module):
             num_classes: int = 751,
             in_chans: int = 3,
             img_size: Union[int, Tuple[int, int]] = REID_INPUT_SIZE[1:],
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
             **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -75,7 +77,7 @@ class ReIDNet(nn.Module):
         if _is_ptl(backbone):
             backbone_kwargs['img_size'] = self.img_size
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans,
-                                          **backbone_kwargs)
+                                          device=device, dtype=dtype, **backbone_kwargs)
         # width of forward_head(pre_logits=True), which can differ from num_features (e.g. a conv head after pooling)
         self.num_features = self.head_hidden_size = getattr(self.backbone, 'head_hidden_size', None) or \
             self.backbone.num_features
@@ -84,11 +86,14 @@ class ReIDNet(nn.Module):
         self.neck = nn.BatchNorm1d(self.num_features)
         self.neck.bias.requires_grad_(False)  # BNNeck: no shift, the embedding stays centred
         self.classifier = self._classifier(num_classes)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)  # the neck and the classifier; the backbone was created there
 
     def _classifier(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
             return nn.Identity()
-        fc = nn.Linear(self.num_features, num_classes, bias=False)
+        ref = next(self.backbone.parameters())  # the model's device and dtype (after .to() too)
+        fc = nn.Linear(self.num_features, num_classes, bias=False, device=ref.device, dtype=ref.dtype)
         nn.init.normal_(fc.weight, std=0.001)
         return fc
 
@@ -101,6 +106,7 @@ class ReIDNet(nn.Module):
             self.backbone.reset_classifier(0, global_pool)
         self.num_classes = num_classes
         self.classifier = self._classifier(num_classes)
+        self.classifier.train(self.training)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:

@@ -16,6 +16,7 @@ from .ladder import (
     Ladder,
     LadderStage,
     StageFuse,
+    StageJoin,
     build_ladder,
     match_size,
     run_ladder,
@@ -24,6 +25,6 @@ from .ladder import (
 
 __all__ = [
     'BConvCell', 'StateMode', 'STATE_MODES', 'DEFAULT_STATE_MODE', 'bconv_cells', 'reset_state', 'freeze_state',
-    'unfreeze_state', 'stride_chain', 'StageFuse', 'ConcatFuse', 'FuseLayer', 'LadderStage', 'Ladder', 'build_ladder',
-    'run_ladder', 'strided_grid', 'match_size',
+    'unfreeze_state', 'stride_chain', 'StageFuse', 'ConcatFuse', 'StageJoin', 'FuseLayer', 'LadderStage', 'Ladder',
+    'build_ladder', 'run_ladder', 'strided_grid', 'match_size',
 ]

@@ -17,7 +17,7 @@ other size read the state resampled bilinearly to their grid and write it back r
 stored grid (antialiased when shrinking), so any batch size or resolution may follow any other.
 """
 import math
-from typing import Iterator, Literal, Tuple, Union
+from typing import Iterator, List, Literal, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -40,11 +40,66 @@ STATE_MODES: Tuple[str, ...] = ('shared', 'carried', 'reset')
 DEFAULT_STATE_MODE: StateMode = 'shared'
 
 
-def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
+# The shape checks below are plain Python on proxies; torch.fx.wrap keeps them out of every FX trace (torch's,
+# timm's and torchvision's tracers alike) as one call each, run on real tensors.
+@torch.fx.wrap
+def _resize(x: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """``x`` (N, C, H, W) resampled bilinearly to ``size`` (antialiased when shrinking); ``x`` if already there."""
+    if x.shape[-2] == size[0] and x.shape[-1] == size[1]:
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
     return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=shrink)
+
+
+@torch.fx.wrap
+def _check_channels(x: torch.Tensor, in_chs: int) -> None:
+    if x.shape[1] != in_chs:
+        raise ValueError(f'BConvCell expects {in_chs} input channels, got {x.shape[1]} (input shape {x.shape}).')
+
+
+@torch.jit.unused
+def _average_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over the ranks of ``torch.distributed`` (when initialised with several ranks)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+# The state is read and written by functions of the buffers: an FX trace records each as one call on the
+# live buffers, where operations on a buffer alone would run at trace time and bake its value into the graph.
+@torch.fx.wrap
+def _state_read(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, training: bool) -> torch.Tensor:
+    """The state (S, C, Hs, Ws) as read for the cell map ``c`` (B, C, H, W): per slot in training, the
+    dataset-level mean (1, C, Hs, Ws) in eval or when ``frozen``; at ``c``'s grid."""
+    prev = state.mean(0, keepdim=True)
+    if training:
+        # per-slot while updating, the dataset-level state when frozen: selected on the flag's value, not
+        # branched on it, so compiled and exported graphs serve both without a guard on the buffer's data.
+        # The shared state (one slot) is read the same way, per sample: a compiled backward (AOTAutograd)
+        # would otherwise re-read the single slot from the buffer after the in-place write.
+        slots = torch.arange(c.shape[0], device=state.device) % state.shape[0]
+        prev = torch.where(frozen, prev, state.index_select(0, slots))
+    return _resize(prev, c.shape[-2:])
+
+
+@torch.fx.wrap
+def _state_write(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, carried: bool) -> None:
+    """Write the detached cell map ``c`` (B, C, H, W) into ``state`` (S, C, Hs, Ws) in place, unless ``frozen``:
+    slot ``j % S`` gets the mean of its samples (``carried``), else the one slot the batch mean."""
+    c = _resize(c.float(), state.shape[-2:])
+    if carried:
+        num_slots = state.shape[0]
+        slots = torch.arange(c.shape[0], device=c.device) % num_slots
+        sums = torch.zeros_like(state, dtype=torch.float32).index_add_(0, slots, c)
+        counts = torch.bincount(slots, minlength=num_slots).to(sums.dtype).view(-1, 1, 1, 1)
+        new = torch.where(counts > 0, sums / counts.clamp(min=1), state.float())
+    else:
+        new = c.mean(0, keepdim=True)
+    if not torch.jit.is_scripting():
+        new = _average_over_ranks(new)
+    # always written, the frozen flag selecting the old value: data, not control flow (see _state_read)
+    state.copy_(torch.where(frozen, state, new.to(state.dtype)))
 
 
 class BConvCell(nn.Module):
@@ -116,45 +171,26 @@ class BConvCell(nn.Module):
         """The dataset-level state (1, C, Hs, Ws) that eval and a frozen state read."""
         return self.state.mean(0, keepdim=True)
 
-    def _read_state(self, batch_size: int, size: Tuple[int, int], updating: bool) -> torch.Tensor:
-        if updating and self.state_mode == 'carried':
-            slots = torch.arange(batch_size, device=self.state.device) % self.state.shape[0]
-            prev = self.state.index_select(0, slots)
-        else:
-            prev = self.dataset_state()  # a new tensor, so the in-place write cannot touch saved tensors
-        return _resize(prev, size)
+    def _read_state(self, c: torch.Tensor) -> torch.Tensor:
+        """The state ``c_{t-1}`` for the cell map ``c`` (B, C, H, W), at its grid."""
+        return _state_read(self.state, self.state_frozen, c, self.training)
 
-    @torch.no_grad()
     def _write_state(self, c: torch.Tensor) -> None:
-        c = _resize(c.float(), tuple(self.state.shape[-2:]))
-        if self.state_mode == 'carried':
-            num_slots = self.state.shape[0]
-            slots = torch.arange(c.shape[0], device=c.device) % num_slots
-            sums = torch.zeros_like(self.state, dtype=torch.float32).index_add_(0, slots, c)
-            counts = torch.bincount(slots, minlength=num_slots).to(sums.dtype).view(-1, 1, 1, 1)
-            new = torch.where(counts > 0, sums / counts.clamp(min=1), self.state.float())
-        else:
-            new = c.mean(0, keepdim=True)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(new)
-            new /= dist.get_world_size()
-        self.state.copy_(new)
+        """Write the detached cell map ``c`` (B, C, H, W) into the state, unless the state is frozen."""
+        _state_write(self.state, self.state_frozen, c, self.state_mode == 'carried')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != self.in_chs:
-            raise ValueError(
-                f'BConvCell expects {self.in_chs} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}).')
+        _check_channels(x, self.in_chs)
         gates = self.conv(x)
         # one sigmoid over i, f, o and one tanh over g: these element-wise passes dominate the cell's cost
         i, f, o = gates[:, :3 * self.out_chs].sigmoid().chunk(3, dim=1)
         g = gates[:, 3 * self.out_chs:].tanh()
         c = i * g
         if self.state_mode != 'reset':
-            updating = self.updates_state
-            prev = self._read_state(x.shape[0], tuple(c.shape[-2:]), updating)
-            c = torch.addcmul(c, f, prev.to(f.dtype))
-            if updating:
-                self._write_state(c.detach())
+            c = torch.addcmul(c, f, self._read_state(c).to(f.dtype))
+            if self.training:
+                with torch.no_grad():
+                    self._write_state(c.detach())
         return o * c.tanh()
 
     @torch.no_grad()

@@ -19,8 +19,8 @@ from torch import nn
 from .bconv_cell import BConvCell, stride_chain
 
 __all__ = [
-    'StageFuse', 'ConcatFuse', 'FuseLayer', 'LadderStage', 'Ladder', 'build_ladder', 'run_ladder', 'strided_grid',
-    'match_size',
+    'StageFuse', 'ConcatFuse', 'StageJoin', 'FuseLayer', 'LadderStage', 'Ladder', 'build_ladder', 'run_ladder',
+    'strided_grid', 'match_size',
 ]
 
 
@@ -43,6 +43,7 @@ class StageFuse(nn.Module):
     def forward(self, f: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.feat_conv(f)
         if self.cell_conv is not None:
+            assert c is not None, 'this fuse joins a cell output: pass c'
             x = x + self.cell_conv(c)
         return self.bn(x)
 
@@ -57,6 +58,22 @@ class ConcatFuse(ConvNormAct):
 
     def forward(self, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return super().forward(torch.cat([f, c], dim=1))
+
+
+class StageJoin(nn.Module):
+    """A stage's feature map: cat[f, c] of the backbone map and the cell output beside it (f alone where the
+    stage has no cell). Parameter-free; a model calls one per stage, so a forward hook on it, or an FX node of
+    it, yields exactly the map ``feature_info`` describes.
+    Shapes: f (B, C, H, W), c (B, w, H, W) -> (B, C + w, H, W).
+    """
+
+    def forward(self, f: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _join_maps(f, c)
+
+
+@torch.fx.wrap  # one node inside each join even where it passes f through: FX return nodes can name every join
+def _join_maps(f: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
+    return f if c is None else torch.cat([f, c], dim=1)
 
 
 # (feat_chs, cell_chs, out_chs) -> a module called as fuse(f, c)
@@ -84,10 +101,11 @@ def strided_grid(size: Tuple[int, int], stride: int) -> Tuple[int, int]:
     return -(-size[0] // stride), -(-size[1] // stride)
 
 
+@torch.fx.wrap  # a shape test: one call in an FX graph (any tracer), run on real tensors
 def match_size(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``x`` resized to ``ref``'s grid where they differ: at odd input sizes the cells' padding and the
     backbone's differ by a pixel."""
-    if x.shape[-2:] == ref.shape[-2:]:
+    if x.shape[-2] == ref.shape[-2] and x.shape[-1] == ref.shape[-1]:
         return x
     return F.interpolate(x, size=ref.shape[-2:], mode='bilinear', align_corners=False)
 

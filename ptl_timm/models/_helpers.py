@@ -1,19 +1,22 @@
 """What the model files share (``ptl_*`` PTLNet, MGN, the BNNeck ReID models): backbone names, pretrained cfgs
-derived from a backbone's, group matchers under a prefix, and checkpoint fitting with errors that list the keys."""
+derived from a backbone's, group matchers under a prefix, checkpoint fitting with errors that list the keys, and
+the ``features_only`` extractors."""
 import dataclasses
 import difflib
 import re
 import sys
-from typing import Any, Callable, Dict, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
-from timm.models import get_arch_pretrained_cfgs, model_entrypoint, split_model_name_tag
+from timm.models import FeatureGraphNet, get_arch_pretrained_cfgs, model_entrypoint, split_model_name_tag
+from timm.models._features import FeatureGetterNet, FeatureHookNet
 from torch import nn
 
 __all__ = [
     'as_tuple', 'check_model_name', 'backbone_filter_fn', 'derived_pretrained_cfgs', 'tagged_cfg',
-    'prefix_group_matcher', 'first_conv_prefixes', 'check_state_dict_fits',
+    'prefix_group_matcher', 'first_conv_prefixes', 'check_state_dict_fits', 'feature_model', 'set_feature_cfg',
 ]
 
 # Names timm's model modules give the filter they pass to build_model_with_cfg as pretrained_filter_fn.
@@ -110,3 +113,43 @@ def check_state_dict_fits(
     if problems:
         shown = '\n  '.join(problems[:20]) + (f'\n  ... {len(problems) - 20} more' if len(problems) > 20 else '')
         raise ValueError(f'{what}:\n  {shown}\n{fix}')
+
+
+def feature_model(
+        model: nn.Module,
+        feature_cls: Union[str, Callable[..., nn.Module]] = 'getter',
+        out_indices: Optional[Union[int, Sequence[int]]] = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """timm's ``features_only`` extractor ``feature_cls`` around ``model`` (every stage if ``out_indices`` is None).
+
+    ``feature_info`` names, per stage, a module whose output is that stage's map (PTLNet's ``joins``), so the
+    hook and FX extractors return exactly the described maps. timm's ``list`` / ``dict`` extractors re-run a
+    model's children in sequence, which the ladder beside the backbone is not: they are served by hooks, with
+    the same output form (a list; a dict keyed by the stage index as text).
+    """
+    if out_indices is None:
+        out_indices = tuple(range(len(model.feature_info)))
+    if not isinstance(feature_cls, str):
+        return feature_cls(model, out_indices=out_indices, **kwargs)
+    name = feature_cls.lower()
+    if name == 'getter':
+        return FeatureGetterNet(model, out_indices=out_indices, **kwargs)
+    if name == 'fx':
+        return FeatureGraphNet(model, out_indices=tuple(out_indices), **kwargs)
+    if 'hook' in name or name in ('list', 'dict'):
+        if name == 'dict':
+            indices = [out_indices] if isinstance(out_indices, int) else out_indices
+            kwargs = dict(return_dict=True, out_map=[str(i) for i in indices], **kwargs)
+        return FeatureHookNet(model, out_indices=out_indices, **kwargs)
+    raise ValueError(f"Unknown feature_cls {feature_cls!r}: use 'getter', 'list', 'dict', 'hook' or 'fx'.")
+
+
+def set_feature_cfg(kwargs: Dict[str, Any]) -> None:
+    """With ``features_only``, route ``feature_cls`` and ``out_indices`` of ``kwargs`` (timm's create_model
+    arguments) to :func:`feature_model`, as the ``feature_cfg`` of ``build_model_with_cfg`` (in place)."""
+    if kwargs.get('features_only') and 'feature_cfg' not in kwargs:
+        kwargs['feature_cfg'] = dict(
+            feature_cls=partial(feature_model, feature_cls=kwargs.pop('feature_cls', 'getter')),
+            out_indices=kwargs.pop('out_indices', None),
+        )

@@ -40,11 +40,11 @@ from ..layers import (
     DEFAULT_STATE_MODE,
     LadderStage,
     StageFuse,
+    StageJoin,
     StateMode,
     bconv_cells,
     build_ladder,
     match_size,
-    run_ladder,
 )
 from ._helpers import (
     as_tuple,
@@ -54,6 +54,7 @@ from ._helpers import (
     derived_pretrained_cfgs,
     first_conv_prefixes,
     prefix_group_matcher,
+    set_feature_cfg,
     tagged_cfg,
 )
 
@@ -63,6 +64,9 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
+
+# torch.fx.wrap patches the names of the module that calls it: this module's reference to the shape test too
+torch.fx.wrap('match_size')
 
 # Cell width = backbone stage width x 1/8 (rounded to 8): ResNet-50 gets 8/32/64/128/256.
 DEFAULT_WIDTH_MULT = 0.125
@@ -125,6 +129,8 @@ class PTLNet(nn.Module):
             kernel_size: int = 3,
             image_cells: bool = False,
             cell_norm: bool = False,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
             **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -135,7 +141,8 @@ class PTLNet(nn.Module):
         self.state_mode = state_mode
         check_model_name(backbone)
         self.backbone = timm.create_model(
-            backbone, pretrained=False, num_classes=0, in_chans=in_chans, global_pool=global_pool, **backbone_kwargs)
+            backbone, pretrained=False, num_classes=0, in_chans=in_chans, global_pool=global_pool, device=device,
+            dtype=dtype, **backbone_kwargs)
         self._check_backbone()
         stage_info = self.backbone.feature_info
         stage_chs = [info['num_chs'] for info in stage_info]
@@ -162,10 +169,12 @@ class PTLNet(nn.Module):
         self.fuses = nn.ModuleList([*entry, *ladder.fuses])
 
         self.num_stages = len(stage_chs)
+        # parameter-free: adds no state_dict keys and draws no random numbers
+        self.joins = nn.ModuleList([StageJoin() for _ in range(self.num_stages)])
         widths = [0] * first + self.cell_widths[first:]
         self.feature_info = [
-            dict(num_chs=chs + width, reduction=reduction, module=f'backbone.{info["module"]}')
-            for chs, width, reduction, info in zip(stage_chs, widths, reductions, stage_info)
+            dict(num_chs=chs + width, reduction=reduction, module=f'joins.{k}')
+            for k, (chs, width, reduction) in enumerate(zip(stage_chs, widths, reductions))
         ]
         self.backbone_features = self.backbone.num_features
         self.num_features = self.backbone_features + self.cell_widths[-1]
@@ -174,10 +183,17 @@ class PTLNet(nn.Module):
         # classifier ignores them; the paper's MGN head has a BN after the join. Optional, off by default:
         # it did worse on validation (docs/benchmarks.md, "Defaults").
         self.cell_norm = nn.BatchNorm2d(self.cell_widths[-1]) if cell_norm else nn.Identity()
-        self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_hidden_size = self._pooled_width()
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)  # the branch and the head; the backbone was created there
+
+    def _example(self, *shape: int) -> torch.Tensor:
+        """Zeros of ``shape`` on the backbone's device and dtype (a model created on 'meta' included)."""
+        ref = next(self.backbone.parameters())
+        return torch.zeros(shape, device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()
     def _check_backbone(self) -> None:
@@ -193,7 +209,7 @@ class PTLNet(nn.Module):
         was_training = bb.training
         bb.eval()
         try:
-            final, feats = bb.forward_intermediates(torch.zeros(1, self.in_chans, *size))
+            final, feats = bb.forward_intermediates(self._example(1, self.in_chans, *size))
         except Exception as e:
             raise ValueError(f'{name} cannot run on a {size} input ({e}); PTL needs a CNN '
                              'without a fixed input size.') from e
@@ -214,7 +230,7 @@ class PTLNet(nn.Module):
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            pooled = self.backbone.forward_head(torch.zeros(1, self.backbone_features, 2, 2), pre_logits=True)
+            pooled = self.backbone.forward_head(self._example(1, self.backbone_features, 2, 2), pre_logits=True)
         finally:
             self.backbone.train(was_training)
         return pooled.shape[1] + self.cell_widths[-1] * self.cell_pool.feat_mult()
@@ -236,6 +252,7 @@ class PTLNet(nn.Module):
             cell.unfreeze_state()
 
     @property
+    @torch.jit.unused
     def state_frozen(self) -> bool:
         return all(bool(cell.state_frozen) for cell in bconv_cells(self))
 
@@ -273,23 +290,44 @@ class PTLNet(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
             self.backbone.reset_classifier(0, global_pool)
-            self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+            self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
             self.head_hidden_size = self._pooled_width()
-        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'{type(self).__name__}({self.backbone_name}) expects (B, {self.in_chans}, H, W) images, got shape '
-                f'{tuple(x.shape)}. Create the model with in_chans={x.shape[1] if x.ndim == 4 else "..."} '
-                'or convert the images.')
+        ref = next(self.backbone.parameters())
+        self.fc = nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.fc.train(self.training)
 
     def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-        """Cell output c_k (B, w_k, H_k, W_k) of every stage given its features (None: no cell there)."""
+        """Cell output c_k (B, w_k, H_k, W_k) of every stage given its features (None: no cell there).
+
+        ``ptl_timm.layers.run_ladder`` over the module lists, in loops TorchScript can unroll: the cells of stage
+        k = i + first run on h, then ``fuses[k]`` (where it exists) gives the next h."""
         first = self.first_cell_stage
-        h = self.fuses[0](feats[0]) if first and self.fuses else x
-        outs, _ = run_ladder(self.cells, self.fuses, h, feats[first:], fuse_offset=first)
-        return [None] * first + outs
+        h = x
+        if first:
+            for j, fuse in enumerate(self.fuses):
+                if j == 0:  # the entry fuse: the branch starts from f_0
+                    h = fuse(feats[0])
+        outs: List[Optional[torch.Tensor]] = []
+        for _ in range(first):
+            outs.append(None)
+        for i, cells in enumerate(self.cells):
+            k = i + first
+            if k < len(feats):  # fewer features (stop_early) stop the ladder early
+                c = match_size(cells(h), feats[k])
+                outs.append(c)
+                for j, fuse in enumerate(self.fuses):
+                    if j == k:
+                        h = fuse(feats[k], c)
+        return outs
+
+    def _stage_maps(self, feats: List[torch.Tensor], outs: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+        """The stage features cat[f_k, c_k] ``feature_info`` describes, each made by its ``joins[k]``."""
+        maps: List[torch.Tensor] = []
+        for k, join in enumerate(self.joins):
+            if k < len(feats):
+                maps.append(join(feats[k], outs[k]))
+        return maps
 
     def forward_intermediates(
             self,
@@ -303,13 +341,14 @@ class PTLNet(nn.Module):
         """Stage features cat[f_k, c_k] (B, C_k + w_k, H/r_k, W/r_k) (f_k alone before the first cell
         stage), and the final features unless ``intermediates_only``. Indices follow ``feature_info``."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        self._check_input(x)
+        _check_input(x, self.in_chans, self.backbone_name)
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         upto = list(range(max_index + 1)) if (stop_early or intermediates_only) else None
         final, feats = self.backbone.forward_intermediates(
             x, indices=upto, norm=norm, stop_early=upto is not None, intermediates_only=False)
         outs = self._ladder(x, feats)
-        intermediates = [feats[k] if outs[k] is None else torch.cat([feats[k], outs[k]], dim=1) for k in take_indices]
+        maps = self._stage_maps(feats, outs)
+        intermediates = [maps[k] for k in take_indices]
         if intermediates_only:
             return intermediates
         if len(outs) == self.num_stages:
@@ -327,6 +366,7 @@ class PTLNet(nn.Module):
         self.backbone.prune_intermediate_layers(take_indices, prune_norm=prune_norm, prune_head=prune_head)
         self.cells = self.cells[:max(max_index + 1 - self.first_cell_stage, 0)]
         self.fuses = self.fuses[:max_index]
+        self.joins = self.joins[:max_index + 1]
         self.num_stages = max_index + 1
         if prune_head:
             self.cell_pool = nn.Identity()
@@ -338,9 +378,15 @@ class PTLNet(nn.Module):
         return torch.cat([final, match_size(self.cell_norm(cell_out), final)], dim=1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        _check_input(x, self.in_chans, self.backbone_name)
         final, feats = self.backbone.forward_intermediates(x)
-        return self._join(final, self._ladder(x, feats)[-1])
+        outs = self._ladder(x, feats)
+        # every stage's join runs, so that hooks on feature_info's modules see the maps; nothing reads them here
+        # (a compiled graph drops them)
+        self._stage_maps(feats, outs)
+        last = outs[-1]
+        assert last is not None
+        return self._join(final, last)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         backbone_part, cell_part = x.split([self.backbone_features, x.shape[1] - self.backbone_features], dim=1)
@@ -353,6 +399,15 @@ class PTLNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+@torch.fx.wrap  # shape tests: one call in an FX graph (any tracer), run on real tensors
+def _check_input(x: torch.Tensor, in_chans: int, backbone: str) -> None:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        fix = f'in_chans={x.shape[1]}' if x.ndim == 4 else 'in_chans=...'
+        raise ValueError(
+            f'PTLNet({backbone}) expects (B, {in_chans}, H, W) images, got shape {x.shape}. Create the model with '
+            f'{fix} or convert the images.')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PTLNet) -> Dict[str, torch.Tensor]:
@@ -392,7 +447,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PTLNet) -> 
 
 
 def _create_ptl(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> PTLNet:
-    kwargs.setdefault('feature_cfg', dict(feature_cls='getter', out_indices=None))
+    set_feature_cfg(kwargs)
     # a full-PTL tag (weights manifest) rebuilds the model its checkpoint holds: cell widths, state grid...
     kwargs = dict(tag_model_args(_MANIFEST, variant, kwargs.get('pretrained_cfg')), **kwargs)
     require_pretrained(variant, pretrained, kwargs)  # fail at once, not after the Hub's retries

@@ -9,7 +9,7 @@ L2-normalise; ``forward_head(x, pre_logits=True)`` gives the same. Train mode ``
 ``forward_head(x)`` give a :class:`~ptl_timm.reid.losses.ReIDOutput` (logits for cross-entropy, features for
 the triplet loss, embedding) for :class:`~ptl_timm.reid.losses.ReIDLoss`.
 """
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
@@ -31,6 +31,7 @@ from ..models._helpers import (
     derived_pretrained_cfgs,
     first_conv_prefixes,
     prefix_group_matcher,
+    set_feature_cfg,
     tagged_cfg,
 )
 from ..models.ptlnet import PTLNet, checkpoint_filter_fn
@@ -63,6 +64,8 @@ class ReIDNet(nn.Module):
             num_classes: int = 751,
             in_chans: int = 3,
             img_size: Union[int, Tuple[int, int]] = REID_INPUT_SIZE[1:],
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
             **backbone_kwargs: Any,
     ):
         super().__init__()
@@ -74,18 +77,23 @@ class ReIDNet(nn.Module):
         if _is_ptl(backbone):
             backbone_kwargs['img_size'] = self.img_size
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans,
-                                          **backbone_kwargs)
+                                          device=device, dtype=dtype, **backbone_kwargs)
         # width of forward_head(pre_logits=True), which can differ from num_features (e.g. a conv head after pooling)
         self.num_features = self.head_hidden_size = getattr(self.backbone, 'head_hidden_size', None) or \
             self.backbone.num_features
+        # the backbone's stages, under its name here: features_only extractors find them in this model
+        self.feature_info = [dict(info, module=f'backbone.{info["module"]}') for info in self.backbone.feature_info]
         self.neck = nn.BatchNorm1d(self.num_features)
         self.neck.bias.requires_grad_(False)  # BNNeck: no shift, the embedding stays centred
         self.classifier = self._classifier(num_classes)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)  # the neck and the classifier; the backbone was created there
 
     def _classifier(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
             return nn.Identity()
-        fc = nn.Linear(self.num_features, num_classes, bias=False)
+        ref = next(self.backbone.parameters())  # the model's device and dtype (after .to() too)
+        fc = nn.Linear(self.num_features, num_classes, bias=False, device=ref.device, dtype=ref.dtype)
         nn.init.normal_(fc.weight, std=0.001)
         return fc
 
@@ -98,6 +106,7 @@ class ReIDNet(nn.Module):
             self.backbone.reset_classifier(0, global_pool)
         self.num_classes = num_classes
         self.classifier = self._classifier(num_classes)
+        self.classifier.train(self.training)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -108,6 +117,33 @@ class ReIDNet(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.backbone.set_grad_checkpointing(enable)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The backbone's stage features (``feature_info``), and its final features unless ``intermediates_only``."""
+        return self.backbone.forward_intermediates(
+            x, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only)
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the backbone stages after the last of ``indices`` (and the neck and classifier with ``prune_head``)."""
+        take_indices = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        if prune_head:
+            self.neck = nn.Identity()
+            self.classifier = nn.Identity()
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
@@ -149,6 +185,7 @@ def reid_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ReIDNe
 
 def _create_reid(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> ReIDNet:
     require_pretrained(variant, pretrained, kwargs)
+    set_feature_cfg(kwargs)
     return build_model_with_cfg(ReIDNet, variant, pretrained, pretrained_filter_fn=reid_checkpoint_filter_fn,
                                 backbone=backbone, **kwargs)
 

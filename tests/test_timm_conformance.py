@@ -1,0 +1,153 @@
+"""The timm model contract, as timm's own tests/test_models.py checks it, on small PTL models: unpooled features
+with ``global_pool=''``, FX tracing and feature extraction, and every ``features_only`` extractor returning
+exactly the stage maps ``feature_info`` describes (``forward_intermediates``'s)."""
+import copy
+
+import pytest
+import timm
+import torch
+from torchvision.models.feature_extraction import create_feature_extractor as tv_create_feature_extractor
+
+from ptl_timm import PTLNet
+
+IMG = 64
+FEATURE_CLS = ['getter', 'list', 'dict', 'hook', 'fx']
+
+
+def _model(name='ptl_resnet18', **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=IMG, **kwargs).eval()
+
+
+def _image(batch=2):
+    return torch.randn(batch, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+def _inner(features) -> torch.nn.Module:
+    """The model inside a features_only wrapper (the PTLNet, or FX's graph module of it)."""
+    return next((m for m in features.modules() if isinstance(m, PTLNet)), None) or features.graph_module
+
+
+@pytest.mark.parametrize('out_indices', [None, (1, 3)])
+@pytest.mark.parametrize('feature_cls', FEATURE_CLS)
+def test_features_only_gives_the_described_maps(feature_cls, out_indices):
+    kwargs = {} if out_indices is None else dict(out_indices=out_indices)
+    features = timm.create_model('ptl_resnet18', features_only=True, feature_cls=feature_cls, img_size=IMG,
+                                 **kwargs).eval()
+    model = _model()
+    inner = _inner(features)  # the getter prunes the head: load what it kept
+    inner.load_state_dict({k: v for k, v in model.state_dict().items() if k in inner.state_dict()})
+    x = _image()
+    with torch.no_grad():
+        out = features(x)
+        expected = model.forward_intermediates(
+            x, indices=None if out_indices is None else list(out_indices), intermediates_only=True)
+    maps = list(out.values()) if isinstance(out, dict) else out
+    if feature_cls == 'dict':
+        assert list(out) == [str(i) for i in (out_indices or range(5))]
+    assert features.feature_info.channels() == [m.shape[1] for m in maps]
+    assert len(maps) == len(expected)
+    for got, want in zip(maps, expected):
+        assert torch.equal(got, want)
+
+
+def test_feature_info_modules_output_the_stage_maps():
+    """Hooks on the modules feature_info names see cat[f_k, c_k], not the backbone map alone."""
+    model = _model()
+    seen = {}
+    for info in model.feature_info:
+        model.get_submodule(info['module']).register_forward_hook(
+            lambda mod, args, out, name=info['module']: seen.__setitem__(name, out))
+    x = _image()
+    with torch.no_grad():
+        model(x)
+        expected = model.forward_intermediates(x, intermediates_only=True)
+    assert [seen[info['module']].shape[1] for info in model.feature_info] == [i['num_chs'] for i in model.feature_info]
+    for info, want in zip(model.feature_info, expected):
+        assert torch.equal(seen[info['module']], want)
+
+
+def test_unknown_feature_cls_names_the_choices():
+    with pytest.raises(ValueError, match="'getter', 'list', 'dict', 'hook' or 'fx'"):
+        timm.create_model('ptl_resnet18', features_only=True, feature_cls='nope')
+
+
+def test_unpooled_features():
+    """global_pool='' and reset_classifier(0, '') give (B, C, H, W) maps, as for every timm CNN."""
+    x = _image()
+    model = _model(num_classes=0, global_pool='')
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, model.num_features, IMG // 32, IMG // 32)
+    model = _model(num_classes=7)
+    model.reset_classifier(0, '')
+    with torch.no_grad():
+        assert model(x).shape == out.shape
+    model.reset_classifier(3, 'avg')
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize('name', ['ptl_resnet18', 'ptl_mobilenetv2_100'])
+def test_fx_symbolic_trace(name):
+    model = _model(name, num_classes=5)
+    traced = torch.fx.symbolic_trace(model)
+    x = _image()
+    with torch.no_grad():
+        assert torch.equal(traced(x), model(x))
+
+
+def test_fx_graph_reads_and_writes_the_live_state():
+    """A train-mode FX graph updates the cells' state as eager does, and reads the state it holds now, not the
+    value it had when traced."""
+    model = _model(num_classes=5).train()
+    ref = copy.deepcopy(model)
+    traced = torch.fx.symbolic_trace(model)
+    for step in range(2):
+        x = _image(batch=2 + step)
+        with torch.no_grad():
+            assert torch.equal(traced(x), ref(x))
+        ref_buffers = dict(ref.named_buffers())
+        for name, buffer in traced.named_buffers():
+            assert torch.equal(buffer, ref_buffers[name]), name
+
+
+@pytest.mark.parametrize('extractor', ['timm', 'torchvision'])
+def test_fx_feature_extractor(extractor):
+    model = _model()
+    nodes = [info['module'] for info in model.feature_info]
+    create = timm.models.create_feature_extractor if extractor == 'timm' else tv_create_feature_extractor
+    fx_model = create(model, return_nodes=nodes)
+    x = _image()
+    with torch.no_grad():
+        out = list(fx_model(x).values())
+        expected = model.forward_intermediates(x, intermediates_only=True)
+    for got, want in zip(out, expected):
+        assert torch.equal(got, want)
+
+
+def test_created_on_meta_device():
+    """create_model(device='meta') places every tensor there (no allocation); reset_classifier follows the model's
+    device, dtype and mode."""
+    model = timm.create_model('ptl_resnet18', device='meta').eval()
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {'meta'}
+    model.reset_classifier(3)
+    assert model.fc.weight.device.type == 'meta' and not model.fc.training
+
+
+@pytest.mark.parametrize('feature_cls', ['getter', 'hook'])
+def test_reid_features_only_gives_the_backbone_maps(feature_cls):
+    """A BNNeck ReID model's features are its (PTL) backbone's stage maps, under ``backbone.``."""
+    torch.manual_seed(0)
+    model = timm.create_model('reid_ptl_resnet18', img_size=(64, 32)).eval()
+    features = timm.create_model('reid_ptl_resnet18', img_size=(64, 32), features_only=True,
+                                 feature_cls=feature_cls, out_indices=(1, 3)).eval()
+    inner = next(m for m in features.modules() if type(m).__name__ == 'ReIDNet')
+    inner.load_state_dict({k: v for k, v in model.state_dict().items() if k in inner.state_dict()})
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        out = features(x)
+        expected = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert features.feature_info.channels() == [72, 288]
+    for got, want in zip(out, expected):
+        assert torch.equal(got, want)

@@ -86,6 +86,15 @@ def resolve_cell_widths(
     return [make_divisible(c * width_mult, 8) for c in stage_chs]
 
 
+def _shape(x: Any) -> str:
+    """A backbone output's shape, or what it is instead of a tensor (some give a list of tensors)."""
+    if isinstance(x, torch.Tensor):
+        return str(tuple(x.shape))
+    if isinstance(x, (list, tuple)):
+        return f'a {type(x).__name__} of [{", ".join(_shape(v) for v in x)}]'
+    return type(x).__name__
+
+
 class PTLNet(nn.Module):
     """Progressive Transfer Learning model around a timm backbone.
 
@@ -199,13 +208,13 @@ class PTLNet(nn.Module):
                              'without a fixed input size.') from e
         finally:
             bb.train(was_training)
-        if final.ndim != 4 or final.shape[1] != bb.num_features:
+        if not isinstance(final, torch.Tensor) or final.ndim != 4 or final.shape[1] != bb.num_features:
             raise ValueError(
-                f'{name} gives final features of shape {tuple(final.shape)}, not an NCHW map of '
+                f'{name} gives final features of shape {_shape(final)}, not an NCHW map of '
                 f'{bb.num_features} channels (a token or channels-last model); PTL supports CNNs only.')
         for info, feat in zip(bb.feature_info, feats):
-            if feat.ndim != 4 or feat.shape[1] != info['num_chs']:
-                raise ValueError(f'{name} stage {info["module"]} gives {tuple(feat.shape)}, not an NCHW map '
+            if not isinstance(feat, torch.Tensor) or feat.ndim != 4 or feat.shape[1] != info['num_chs']:
+                raise ValueError(f'{name} stage {info["module"]} gives {_shape(feat)}, not an NCHW map '
                                  f'of {info["num_chs"]} channels; PTL supports CNNs only.')
 
     @torch.no_grad()
@@ -306,8 +315,13 @@ class PTLNet(nn.Module):
         self._check_input(x)
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         upto = list(range(max_index + 1)) if (stop_early or intermediates_only) else None
-        final, feats = self.backbone.forward_intermediates(
-            x, indices=upto, norm=norm, stop_early=upto is not None, intermediates_only=False)
+        if intermediates_only:  # MobileNetV3 and its kin stop early only when asked for intermediates alone
+            feats = self.backbone.forward_intermediates(
+                x, indices=upto, norm=norm, stop_early=True, intermediates_only=True)
+            final = feats[-1]  # not returned
+        else:
+            final, feats = self.backbone.forward_intermediates(
+                x, indices=upto, norm=norm, stop_early=upto is not None, intermediates_only=False)
         outs = self._ladder(x, feats)
         intermediates = [feats[k] if outs[k] is None else torch.cat([feats[k], outs[k]], dim=1) for k in take_indices]
         if intermediates_only:

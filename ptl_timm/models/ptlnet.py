@@ -145,6 +145,9 @@ class PTLNet(nn.Module):
         check_model_name(backbone)
         self.backbone = timm.create_model(
             backbone, pretrained=False, num_classes=0, in_chans=in_chans, global_pool=global_pool, **backbone_kwargs)
+        if img_size is None:
+            img_size = self.backbone.pretrained_cfg.get('input_size', (in_chans, 224, 224))[-2:]
+        self.img_size = to_2tuple(img_size)
         self._check_backbone()
         stage_info = self.backbone.feature_info
         stage_chs = [info['num_chs'] for info in stage_info]
@@ -154,9 +157,6 @@ class PTLNet(nn.Module):
         if len(stage_chs) < 2:
             raise ValueError(f'{backbone} reports {len(stage_chs)} stage(s); PTL needs at least two.')
         self.cell_widths = resolve_cell_widths(stage_chs, width_mult, cell_widths)
-        if img_size is None:
-            img_size = self.backbone.pretrained_cfg.get('input_size', (in_chans, 224, 224))[-2:]
-        self.img_size = to_2tuple(img_size)
 
         # created in this order (entry fuse, then each stage's cells and fuse): it fixes the random init
         entry = [] if image_cells else [StageFuse(stage_chs[0], 0, self.cell_widths[0])]
@@ -202,10 +202,14 @@ class PTLNet(nn.Module):
         was_training = bb.training
         bb.eval()
         try:
-            final, feats = bb.forward_intermediates(torch.zeros(1, self.in_chans, *size))
+            try:
+                final, feats = bb.forward_intermediates(torch.zeros(1, self.in_chans, *size))
+            except Exception:  # some CNNs (Inception, HaloNet) need more than 2 pixels at the last stage
+                size = self.img_size
+                final, feats = bb.forward_intermediates(torch.zeros(1, self.in_chans, *size))
         except Exception as e:
-            raise ValueError(f'{name} cannot run on a {size} input ({e}); PTL needs a CNN '
-                             'without a fixed input size.') from e
+            raise ValueError(f'{name} cannot run on a {size} input ({type(e).__name__}: {e}); PTL needs a CNN '
+                             'that runs at the img_size given to the model, without a fixed input size.') from e
         finally:
             bb.train(was_training)
         if not isinstance(final, torch.Tensor) or final.ndim != 4 or final.shape[1] != bb.num_features:

@@ -18,8 +18,8 @@ are its smallest). Each model is first classified from the plain timm backbone, 
 - features_only: ``create_ptl_model(name, features_only=True)`` (timm's getter wrapper) gives one NCHW map per
   stage with the channels its ``feature_info`` lists.
 
-Input: S = 64 px (128 px for a backbone that cannot run at 64, else its own pretrained input size, and that size
-when it is fixed). Writes
+Input: S = the first of 64, 128 and 224 px the plain backbone runs at, else its own pretrained input size (and
+that size when it is fixed). Writes
 benchmarks/results/family_coverage.{json,md}; every finished family is appended to
 benchmarks/results/family_coverage.jsonl first, so an interrupted run resumes where it stopped.
 
@@ -42,7 +42,7 @@ import ptl_timm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, environment, write_json  # noqa: E402
 
-SIZES = (64, 128)
+SIZES = (64, 128, 224)  # the first a backbone runs at; a ViT's own size can be large (deepseek_vit: 546 px)
 STEPS = ('build', 'forward_backward', 'state', 'features_only')
 NUM_CLASSES = 4
 

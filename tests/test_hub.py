@@ -37,7 +37,7 @@ def exported(tmp_path_factory):
     arch, model_args = entry['config']['architecture'], dict(entry['config']['model_args'])
     size = model_args['img_size'][0]
     torch.manual_seed(0)
-    model = timm.create_model(arch, **model_args)
+    model = timm.create_model(arch, num_classes=entry['config']['num_classes'], **model_args)
     root = tmp_path_factory.mktemp('export')
     ema = train_and_save(model, arch, dict(img_size=size), root, momentum=0.9)
     checkpoint = root / 'last.pth.tar'
@@ -57,6 +57,8 @@ def test_export_writes_hub_folder_with_ptl_model_args_and_nontrivial_state(expor
     assert config['model_args']['cell_widths'] == list(model.cell_widths)
     assert config['model_args']['state_mode'] == model.state_mode
     assert config['model_args']['img_size'] == list(model.img_size)
+    # num_classes only at the root: transformers' TimmWrapper passes it beside model_args (test_clients.py)
+    assert config['num_classes'] == model.num_classes and 'num_classes' not in config['model_args']
     weights = load_file(str(folder / 'model.safetensors'))
     assert weights.keys() == model.state_dict().keys()
     states = [k for k in weights if k.endswith('.state')]
@@ -228,6 +230,13 @@ def _copy_with_config(folder: Path, dst: Path, **changes) -> Path:
     return dst
 
 
+def test_configs_written_before_num_classes_left_model_args_still_load(exported, tmp_path):
+    folder = _copy_with_config(exported['folder'], tmp_path / 'old', num_classes=exported['model'].num_classes)
+    for loaded in (timm.create_model(f'local-dir:{folder}', pretrained=True), load_model(f'local-dir:{folder}')):
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(exported['x']), exported['expected'])
+
+
 def test_unregistered_architecture_tells_to_import_ptl_timm(exported, tmp_path, offline_cache):
     folder = _copy_with_config(exported['folder'], tmp_path / 'x', architecture='ptl_not_registered')
     with pytest.raises(ValueError, match=r"'ptl_not_registered'.*import ptl_timm"):
@@ -287,7 +296,7 @@ def test_manifest_configs_match_what_export_writes_today(tmp_path):
     package (defaults, timm version) that would alter the published checkpoints is caught."""
     for name, entry in load_manifest().items():
         config = entry['config']
-        model = timm.create_model(config['architecture'], **config['model_args'])
+        model = timm.create_model(config['architecture'], num_classes=config['num_classes'], **config['model_args'])
         pcfg = config['pretrained_cfg']
         save_pretrained(model, tmp_path / name, license=pcfg.get('license'), data_config=dict(
             input_size=pcfg['input_size'], mean=pcfg['mean'], std=pcfg['std'], crop_pct=pcfg['crop_pct'],

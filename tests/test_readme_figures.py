@@ -1,6 +1,7 @@
 """Documented figures are copied from the files the benchmarks write, never typed in: every table row of
 docs/benchmarks.md, and every table row under a Models or Benchmark(s) heading of the README and the other docs,
-appears verbatim in a Markdown file under benchmarks/results/; so does every confidence interval quoted in prose."""
+appears verbatim in a Markdown file under benchmarks/results/; so does every confidence interval quoted in prose,
+and the summary line of the family coverage."""
 import re
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def test_measured_tables_come_from_results_files():
     assert len(rows) > 50, 'the docs lost their benchmark tables (or the headings changed)'
     typed_in = [f'{path.relative_to(ROOT)}:{n}: {line[:90]}' for path, n, line in rows if line not in results]
     assert not typed_in, 'rows not found in benchmarks/results/*.md (regenerate, then copy):\n' + '\n'.join(typed_in)
+
+
+def test_family_coverage_summary_comes_from_its_results_file():
+    results = _results_lines()
+    quoted = [(path, line) for path in DOCS for line in path.read_text().splitlines()
+              if line.startswith('Hierarchical CNN families that work:')]
+    assert quoted, 'the docs lost the family coverage summary (benchmarks/results/family_coverage.md)'
+    typed_in = [f'{path.relative_to(ROOT)}: {line[:90]}' for path, line in quoted if line not in results]
+    assert not typed_in, 'not found in benchmarks/results/*.md:\n' + '\n'.join(typed_in)
 
 
 def test_quoted_intervals_come_from_results_files():

@@ -102,6 +102,9 @@ def save_pretrained(
     config_path = directory / 'config.json'
     config = json.loads(config_path.read_text())
     config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items() if v is not None}
+    # num_classes lives at the root of config.json, from where timm passes it on; transformers' TimmWrapper
+    # passes num_classes=num_labels next to model_args, so a copy in model_args is a duplicate keyword there
+    config['model_args'].pop('num_classes', None)
     config_path.write_text(json.dumps(config, indent=2) + '\n')
     (directory / 'README.md').write_text(model_card(config, repo_id=repo_id, training=training))
     return {name: file_sha256(directory / name) for name in (WEIGHTS_NAME, 'config.json', 'README.md')}

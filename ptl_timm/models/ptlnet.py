@@ -90,6 +90,15 @@ def resolve_cell_widths(
     return [make_divisible(c * width_mult, 8) for c in stage_chs]
 
 
+def _shape(x: Any) -> str:
+    """A backbone output's shape, or what it is instead of a tensor (some give a list of tensors)."""
+    if isinstance(x, torch.Tensor):
+        return str(tuple(x.shape))
+    if isinstance(x, (list, tuple)):
+        return f'a {type(x).__name__} of [{", ".join(_shape(v) for v in x)}]'
+    return type(x).__name__
+
+
 class PTLNet(nn.Module):
     """Progressive Transfer Learning model around a timm backbone.
 
@@ -143,6 +152,9 @@ class PTLNet(nn.Module):
         self.backbone = timm.create_model(
             backbone, pretrained=False, num_classes=0, in_chans=in_chans, global_pool=global_pool, device=device,
             dtype=dtype, **backbone_kwargs)
+        if img_size is None:
+            img_size = self.backbone.pretrained_cfg.get('input_size', (in_chans, 224, 224))[-2:]
+        self.img_size = to_2tuple(img_size)
         self._check_backbone()
         stage_info = self.backbone.feature_info
         stage_chs = [info['num_chs'] for info in stage_info]
@@ -152,9 +164,6 @@ class PTLNet(nn.Module):
         if len(stage_chs) < 2:
             raise ValueError(f'{backbone} reports {len(stage_chs)} stage(s); PTL needs at least two.')
         self.cell_widths = resolve_cell_widths(stage_chs, width_mult, cell_widths)
-        if img_size is None:
-            img_size = self.backbone.pretrained_cfg.get('input_size', (in_chans, 224, 224))[-2:]
-        self.img_size = to_2tuple(img_size)
 
         # created in this order (entry fuse, then each stage's cells and fuse): it fixes the random init
         entry = [] if image_cells else [StageFuse(stage_chs[0], 0, self.cell_widths[0])]
@@ -209,19 +218,23 @@ class PTLNet(nn.Module):
         was_training = bb.training
         bb.eval()
         try:
-            final, feats = bb.forward_intermediates(self._example(1, self.in_chans, *size))
+            try:
+                final, feats = bb.forward_intermediates(self._example(1, self.in_chans, *size))
+            except Exception:  # some CNNs (Inception, HaloNet) need more than 2 pixels at the last stage
+                size = self.img_size
+                final, feats = bb.forward_intermediates(self._example(1, self.in_chans, *size))
         except Exception as e:
-            raise ValueError(f'{name} cannot run on a {size} input ({e}); PTL needs a CNN '
-                             'without a fixed input size.') from e
+            raise ValueError(f'{name} cannot run on a {size} input ({type(e).__name__}: {e}); PTL needs a CNN '
+                             'that runs at the img_size given to the model, without a fixed input size.') from e
         finally:
             bb.train(was_training)
-        if final.ndim != 4 or final.shape[1] != bb.num_features:
+        if not isinstance(final, torch.Tensor) or final.ndim != 4 or final.shape[1] != bb.num_features:
             raise ValueError(
-                f'{name} gives final features of shape {tuple(final.shape)}, not an NCHW map of '
+                f'{name} gives final features of shape {_shape(final)}, not an NCHW map of '
                 f'{bb.num_features} channels (a token or channels-last model); PTL supports CNNs only.')
         for info, feat in zip(bb.feature_info, feats):
-            if feat.ndim != 4 or feat.shape[1] != info['num_chs']:
-                raise ValueError(f'{name} stage {info["module"]} gives {tuple(feat.shape)}, not an NCHW map '
+            if not isinstance(feat, torch.Tensor) or feat.ndim != 4 or feat.shape[1] != info['num_chs']:
+                raise ValueError(f'{name} stage {info["module"]} gives {_shape(feat)}, not an NCHW map '
                                  f'of {info["num_chs"]} channels; PTL supports CNNs only.')
 
     @torch.no_grad()
@@ -344,8 +357,13 @@ class PTLNet(nn.Module):
         _check_input(x, self.in_chans, self.backbone_name)
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         upto = list(range(max_index + 1)) if (stop_early or intermediates_only) else None
-        final, feats = self.backbone.forward_intermediates(
-            x, indices=upto, norm=norm, stop_early=upto is not None, intermediates_only=False)
+        if intermediates_only:  # MobileNetV3 and its kin stop early only when asked for intermediates alone
+            feats = self.backbone.forward_intermediates(
+                x, indices=upto, norm=norm, stop_early=True, intermediates_only=True)
+            final = feats[-1]  # not returned
+        else:
+            final, feats = self.backbone.forward_intermediates(
+                x, indices=upto, norm=norm, stop_early=upto is not None, intermediates_only=False)
         outs = self._ladder(x, feats)
         maps = self._stage_maps(feats, outs)
         intermediates = [maps[k] for k in take_indices]

@@ -67,6 +67,25 @@ def test_feature_info_modules_output_the_stage_maps():
         assert torch.equal(seen[info['module']], want)
 
 
+def test_stage_joins_run_only_when_observed(monkeypatch):
+    """A plain forward skips the joins' copies of the stage maps (nothing reads them); a hook on one makes them run,
+    and the model's output is the same either way."""
+    from ptl_timm.layers import ladder
+
+    calls = []
+    join_maps = ladder._join_maps
+    monkeypatch.setattr(ladder, '_join_maps', lambda f, c: calls.append(1) or join_maps(f, c))
+    model, x = _model(), _image()
+    with torch.no_grad():
+        plain = model(x)
+        assert not calls
+        handle = model.joins[2].register_forward_hook(lambda *args: None)
+        hooked = model(x)
+        assert len(calls) == len(model.joins)
+        handle.remove()
+    assert torch.equal(plain, hooked)
+
+
 def test_unknown_feature_cls_names_the_choices():
     with pytest.raises(ValueError, match="'getter', 'list', 'dict', 'hook' or 'fx'"):
         timm.create_model('ptl_resnet18', features_only=True, feature_cls='nope')

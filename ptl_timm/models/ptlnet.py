@@ -33,6 +33,7 @@ from timm.layers import SelectAdaptivePool2d, make_divisible, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, split_model_name_tag
 from timm.models._features import feature_take_indices
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..hub.cache import require_pretrained
 from ..hub.manifest import load_manifest, manifest_pretrained_cfgs, tag_model_args
@@ -334,6 +335,14 @@ class PTLNet(nn.Module):
                         h = fuse(feats[k], c)
         return outs
 
+    @torch.jit.unused
+    def _joins_observed(self) -> bool:
+        """True while the stage joins' outputs can be seen: forward (pre-)hooks on a join or on every module
+        (timm's hook-based feature extractors), or an FX trace (feature_cls='fx', create_feature_extractor)."""
+        if torch.fx._symbolic_trace.is_fx_tracing() or _global_forward_hooks or _global_forward_pre_hooks:
+            return True
+        return any(join._forward_hooks or join._forward_pre_hooks for join in self.joins)
+
     def _stage_maps(self, feats: List[torch.Tensor], outs: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
         """The stage features cat[f_k, c_k] ``feature_info`` describes, each made by its ``joins[k]``."""
         maps: List[torch.Tensor] = []
@@ -399,9 +408,10 @@ class PTLNet(nn.Module):
         _check_input(x, self.in_chans, self.backbone_name)
         final, feats = self.backbone.forward_intermediates(x)
         outs = self._ladder(x, feats)
-        # every stage's join runs, so that hooks on feature_info's modules see the maps; nothing reads them here
-        # (a compiled graph drops them)
-        self._stage_maps(feats, outs)
+        # the stage joins run only where something observes them (hooks, FX return nodes): nothing here reads
+        # them, and their copies of the stage maps would cost a few % of every forward
+        if not torch.jit.is_scripting() and self._joins_observed():
+            self._stage_maps(feats, outs)
         last = outs[-1]
         assert last is not None
         return self._join(final, last)

@@ -106,7 +106,7 @@ COMPARISONS = (
     ('control', 'plain'), ('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'reset'),
     ('carried', 'reset'), ('xbm', 'plain'), ('shared', 'xbm'), ('carried', 'xbm'), ('reset', 'xbm'),
     ('ema', 'shared'), ('ema', 'control'), ('shared_xbm', 'control_xbm'), ('shared_xbm', 'xbm'),
-    ('control_xbm', 'control'), ('shared_idmem', 'control_idmem'), ('shared_idmem', 'shared'),
+    ('shared_xbm', 'shared'), ('control_xbm', 'control'), ('shared_idmem', 'control_idmem'), ('shared_idmem', 'shared'),
     ('control_idmem', 'control'), ('idmem', 'plain'), ('shared_idmem', 'xbm'),
 )
 MAIN_VARIANTS = ('imagenet', 'plain', 'control', 'shared', 'carried', 'reset', 'xbm')

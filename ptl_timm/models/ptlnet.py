@@ -46,6 +46,7 @@ from ..layers import (
     bconv_cells,
     build_ladder,
     match_size,
+    run_ladder,
 )
 from ._helpers import (
     as_tuple,
@@ -312,28 +313,12 @@ class PTLNet(nn.Module):
         self.fc.train(self.training)
 
     def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-        """Cell output c_k (B, w_k, H_k, W_k) of every stage given its features (None: no cell there).
-
-        ``ptl_timm.layers.run_ladder`` over the module lists, in loops TorchScript can unroll: the cells of stage
-        k = i + first run on h, then ``fuses[k]`` (where it exists) gives the next h."""
+        """Cell output c_k (B, w_k, H_k, W_k) of every stage given its features (None: no cell there); fewer
+        features (stop_early) stop the ladder early."""
         first = self.first_cell_stage
-        h = x
-        if first:
-            for j, fuse in enumerate(self.fuses):
-                if j == 0:  # the entry fuse: the branch starts from f_0
-                    h = fuse(feats[0])
-        outs: List[Optional[torch.Tensor]] = []
-        for _ in range(first):
-            outs.append(None)
-        for i, cells in enumerate(self.cells):
-            k = i + first
-            if k < len(feats):  # fewer features (stop_early) stop the ladder early
-                c = match_size(cells(h), feats[k])
-                outs.append(c)
-                for j, fuse in enumerate(self.fuses):
-                    if j == k:
-                        h = fuse(feats[k], c)
-        return outs
+        h = self.fuses[0](feats[0]) if first and self.fuses else x
+        outs, _ = run_ladder(self.cells, self.fuses, h, feats[first:], fuse_offset=first)
+        return [None] * first + outs
 
     @torch.jit.unused
     def _joins_observed(self) -> bool:

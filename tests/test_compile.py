@@ -22,7 +22,8 @@ def _steps(model, steps=3):
                         generator=gen) for k in range(steps)]
 
 
-def _assert_same_training(eager, compiled_fn, compiled_module, xs):
+def _assert_same_training(eager, compiled_fn, compiled_module, xs, exact=True):
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)  # inductor fuses: float rounding differs
     for k, x in enumerate(xs):
         if k == len(xs) - 1:
             ptl_timm.freeze_state(eager)
@@ -30,13 +31,13 @@ def _assert_same_training(eager, compiled_fn, compiled_module, xs):
         y_ref, y = eager(x), compiled_fn(x)
         y_ref.square().mean().backward()
         y.square().mean().backward()
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(y, y_ref, **tol)
         for (name, p_ref), p in zip(eager.named_parameters(), compiled_module.parameters()):
             # gradients through the state read: a compiled backward must use the state before the step's write
             torch.testing.assert_close(p.grad, p_ref.grad, msg=f'gradient of {name} at step {k}')
         ref_buffers, buffers = _buffers(eager), _buffers(compiled_module)
         for name, b in buffers.items():
-            torch.testing.assert_close(b, ref_buffers[name], rtol=0, atol=0, msg=f'buffer {name} at step {k}')
+            torch.testing.assert_close(b, ref_buffers[name], **tol, msg=f'buffer {name} at step {k}')
         eager.zero_grad()
         compiled_module.zero_grad()
 
@@ -50,6 +51,18 @@ def test_compiled_cell_training_matches_eager(state_mode):
     ref = copy.deepcopy(cell)
     compiled = torch.compile(cell, backend='aot_eager', fullgraph=True)
     _assert_same_training(ref, compiled, cell, _steps(cell, steps=4))
+
+
+def test_inductor_cell_training_matches_eager():
+    """With inductor, the partitioner recomputes cheap reads in the backward: the state read must not be one of
+    them, or the gradients use the state after the step's in-place write (off by about half here)."""
+    torch.manual_seed(0)
+    cell = BConvCell(3, 8, stride=2, state_mode='shared', state_size=16).train()
+    with torch.no_grad():
+        cell.state.normal_()
+    ref = copy.deepcopy(cell)
+    compiled = torch.compile(cell, backend='inductor', fullgraph=True)
+    _assert_same_training(ref, compiled, cell, _steps(cell, steps=3), exact=False)
 
 
 def test_compiled_model_training_matches_eager():

@@ -66,12 +66,28 @@ def _average_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# A training forward reads the state, then writes it in place. torch.compile's partitioner may recompute that
+# read in the backward, after the write (pytorch/pytorch#197039): silently wrong gradients with inductor. It
+# never recomputes a custom op, so the backward keeps the snapshot this op takes before the write.
+@torch.library.custom_op('ptl_timm::state_snapshot', mutates_args=())
+def _state_snapshot(state: torch.Tensor) -> torch.Tensor:
+    """A copy of ``state``, taken before the forward writes it."""
+    return state.clone()
+
+
+@_state_snapshot.register_fake
+def _(state: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(state)
+
+
 # The state is read and written by functions of the buffers: an FX trace records each as one call on the
 # live buffers, where operations on a buffer alone would run at trace time and bake its value into the graph.
 @torch.fx.wrap
 def _state_read(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, training: bool) -> torch.Tensor:
     """The state (S, C, Hs, Ws) as read for the cell map ``c`` (B, C, H, W): per slot in training, the
     dataset-level mean (1, C, Hs, Ws) in eval or when ``frozen``; at ``c``'s grid."""
+    if training:  # the forward writes the state after this read
+        state = torch.ops.ptl_timm.state_snapshot(state)
     prev = state.mean(0, keepdim=True)
     if training:
         # per-slot while updating, the dataset-level state when frozen: selected on the flag's value, not

@@ -70,6 +70,11 @@ _logger = logging.getLogger(__name__)
 # torch.fx.wrap patches the names of the module that calls it: this module's reference to the shape test too
 torch.fx.wrap('match_size')
 
+# an FX symbolic trace (torch.fx, timm's and torchvision's extractors), not torch.export or torch.compile; older
+# torch has only is_fx_tracing, which warns on newer torch that it covers both
+_is_fx_symbolic_tracing = getattr(
+    torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
+
 # Cell width = backbone stage width x 1/8 (rounded to 8): ResNet-50 gets 8/32/64/128/256.
 DEFAULT_WIDTH_MULT = 0.125
 
@@ -324,7 +329,7 @@ class PTLNet(nn.Module):
     def _joins_observed(self) -> bool:
         """True while the stage joins' outputs can be seen: forward (pre-)hooks on a join or on every module
         (timm's hook-based feature extractors), or an FX trace (feature_cls='fx', create_feature_extractor)."""
-        if torch.fx._symbolic_trace.is_fx_tracing() or _global_forward_hooks or _global_forward_pre_hooks:
+        if _is_fx_symbolic_tracing() or _global_forward_hooks or _global_forward_pre_hooks:
             return True
         return any(join._forward_hooks or join._forward_pre_hooks for join in self.joins)
 

@@ -1,6 +1,6 @@
 """The timm model contract, as timm's own tests/test_models.py checks it, on small PTL models: unpooled features
-with ``global_pool=''``, FX tracing and feature extraction, and every ``features_only`` extractor returning
-exactly the stage maps ``feature_info`` describes (``forward_intermediates``'s)."""
+with ``global_pool=''``, FX tracing and feature extraction, every ``features_only`` extractor returning exactly
+the stage maps ``feature_info`` describes (``forward_intermediates``'s), and TorchScript."""
 import copy
 
 import pytest
@@ -8,6 +8,7 @@ import timm
 import torch
 from torchvision.models.feature_extraction import create_feature_extractor as tv_create_feature_extractor
 
+import ptl_timm
 from ptl_timm import PTLNet
 
 IMG = 64
@@ -170,3 +171,64 @@ def test_reid_features_only_gives_the_backbone_maps(feature_cls):
     assert features.feature_info.channels() == [72, 288]
     for got, want in zip(out, expected):
         assert torch.equal(got, want)
+
+
+def _scripted(model):
+    with pytest.warns(FutureWarning):  # torch.jit.script is deprecated in favour of torch.compile / torch.export
+        return torch.jit.script(model)
+
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('ptl_resnet18', {}),
+    ('ptl_mobilenetv2_100', dict(state_mode='carried', state_slots=3, image_cells=True)),
+    ('ptl_convnext_tiny', dict(drop_path_rate=0.)),
+])
+def test_torchscript_matches_eager_in_training_and_eval(name, kwargs):
+    """torch.jit.script compiles a copy of the model whose backbone runs its stages in TorchScript: the same
+    modules and state_dict keys, the same outputs and state updates as eager, any input size; the model itself
+    is left as it was."""
+    model = _model(name, num_classes=5, **kwargs)
+    backbone_class = type(model.backbone)
+    scripted = _scripted(model)
+    assert type(model.backbone) is backbone_class
+    assert list(scripted.state_dict()) == list(model.state_dict())
+    ref = copy.deepcopy(model).train()
+    scripted.train()
+    for step, size in enumerate((IMG, IMG, 48)):
+        x = torch.randn(2 + step, 3, size, size, generator=torch.Generator().manual_seed(step))
+        if step == 2:
+            ptl_timm.freeze_state(ref)
+            for name_, flag in scripted.named_buffers():
+                if name_.endswith('state_frozen'):
+                    flag.fill_(True)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), ref(x))
+        ref_buffers = dict(ref.named_buffers())
+        for name_, buffer in scripted.named_buffers():
+            torch.testing.assert_close(buffer, ref_buffers[name_], msg=name_)
+    ref.eval()
+    scripted.eval()
+    x = _image()
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), ref(x))
+
+
+def test_torchscript_of_a_wrapper_leaves_the_wrapped_model_alone():
+    """torch.jit.script puts the prepared copy of a PTL backbone into the module it compiles: a ReID model scripts
+    a copy of itself, so the model the user holds keeps its own backbone."""
+    model = timm.create_model('reid_ptl_resnet18', num_classes=0, img_size=(64, 32)).eval()
+    backbone = model.backbone
+    scripted = _scripted(model)
+    assert model.backbone is backbone and type(backbone.backbone).__name__ == 'ResNet'
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_torchscript_refuses_a_backbone_that_is_not_a_chain_of_its_modules(monkeypatch):
+    model = _model(num_classes=5)
+    intermediates = model.backbone.forward_intermediates
+    monkeypatch.setattr(model.backbone, 'forward_intermediates',
+                        lambda x: (lambda final, feats: (2 * final, feats))(*intermediates(x)))
+    with pytest.raises(ValueError, match='not a chain of its modules.*torch.export or torch.compile'):
+        torch.jit.script(model)

@@ -14,17 +14,17 @@ from .ladder import (
     ConcatFuse,
     FuseLayer,
     Ladder,
+    LadderMixin,
     LadderStage,
     StageFuse,
     StageJoin,
     build_ladder,
     match_size,
-    run_ladder,
     strided_grid,
 )
 
 __all__ = [
     'BConvCell', 'StateMode', 'STATE_MODES', 'DEFAULT_STATE_MODE', 'bconv_cells', 'reset_state', 'freeze_state',
     'unfreeze_state', 'stride_chain', 'StageFuse', 'ConcatFuse', 'StageJoin', 'FuseLayer', 'LadderStage', 'Ladder',
-    'build_ladder', 'run_ladder', 'strided_grid', 'match_size',
+    'LadderMixin', 'build_ladder', 'strided_grid', 'match_size',
 ]

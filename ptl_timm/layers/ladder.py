@@ -19,7 +19,7 @@ from torch import nn
 from .bconv_cell import BConvCell, stride_chain
 
 __all__ = [
-    'StageFuse', 'ConcatFuse', 'StageJoin', 'FuseLayer', 'LadderStage', 'Ladder', 'build_ladder', 'run_ladder',
+    'StageFuse', 'ConcatFuse', 'StageJoin', 'FuseLayer', 'LadderStage', 'Ladder', 'LadderMixin', 'build_ladder',
     'strided_grid', 'match_size',
 ]
 
@@ -57,7 +57,8 @@ class ConcatFuse(ConvNormAct):
         super().__init__(feat_chs + cell_chs, out_chs, 1)
 
     def forward(self, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return super().forward(torch.cat([f, c], dim=1))
+        # ConvNormAct's forward without anti-aliasing (there is none here), in a form TorchScript compiles
+        return self.bn(self.conv(torch.cat([f, c], dim=1)))
 
 
 class StageJoin(nn.Module):
@@ -146,20 +147,25 @@ def build_ladder(
     return Ladder(cells, fuses, in_chs, grid)
 
 
-def run_ladder(
-        cells: Sequence[nn.Module],
-        fuses: Sequence[nn.Module],
-        h: torch.Tensor,
-        feats: Sequence[torch.Tensor],
-        fuse_offset: int = 0,
-) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Run the ladder from the branch input ``h`` beside the stage maps ``feats`` (one per cell chain; fewer
-    stop it early): ``c_k = cells[k](h)`` on ``feats[k]``'s grid, then ``h = fuses[k + fuse_offset](feats[k],
-    c_k)`` where that fuse exists. Returns every c_k (B, w_k, H_k, W_k) and the last h."""
-    outs = []
-    for k, (cell, feat) in enumerate(zip(cells, feats)):
-        c = match_size(cell(h), feat)
-        outs.append(c)
-        if k + fuse_offset < len(fuses):
-            h = fuses[k + fuse_offset](feat, c)
-    return outs, h
+class LadderMixin:
+    """For a model that holds its ladder as ``self.cells`` and ``self.fuses`` (what :func:`build_ladder` made,
+    PTLNet and MGN): runs it, in eager mode and in TorchScript alike."""
+
+    def run_ladder(
+            self,
+            h: torch.Tensor,
+            feats: List[torch.Tensor],
+            fuse_offset: int = 0,
+    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Run the ladder from the branch input ``h`` beside the stage maps ``feats`` (one per cell chain; fewer
+        stop it early): ``c_k = cells[k](h)`` on ``feats[k]``'s grid, then ``h = fuses[k + fuse_offset](feats[k],
+        c_k)`` where that fuse exists. Returns every c_k (B, w_k, H_k, W_k) and the last h."""
+        outs: List[torch.Tensor] = []
+        for k, cell in enumerate(self.cells):
+            if k < len(feats):
+                c = match_size(cell(h), feats[k])
+                outs.append(c)
+                for j, fuse in enumerate(self.fuses):  # TorchScript indexes a ModuleList by literals only
+                    if j == k + fuse_offset:
+                        h = fuse(feats[k], c)
+        return outs, h

@@ -39,6 +39,7 @@ from ..hub.cache import require_pretrained
 from ..hub.manifest import load_manifest, manifest_pretrained_cfgs, tag_model_args
 from ..layers import (
     DEFAULT_STATE_MODE,
+    LadderMixin,
     LadderStage,
     StageFuse,
     StageJoin,
@@ -46,7 +47,6 @@ from ..layers import (
     bconv_cells,
     build_ladder,
     match_size,
-    run_ladder,
 )
 from ._helpers import (
     as_tuple,
@@ -59,6 +59,7 @@ from ._helpers import (
     set_feature_cfg,
     tagged_cfg,
 )
+from ._stages import module_copy, staged_backbone
 
 __all__ = [
     'PTLNet', 'DEFAULT_WIDTH_MULT', 'PTL_BACKBONES', 'resolve_cell_widths', 'checkpoint_filter_fn',
@@ -106,7 +107,7 @@ def _shape(x: Any) -> str:
     return type(x).__name__
 
 
-class PTLNet(nn.Module):
+class PTLNet(LadderMixin, nn.Module):
     """Progressive Transfer Learning model around a timm backbone.
 
     Args:
@@ -317,13 +318,17 @@ class PTLNet(nn.Module):
             if num_classes > 0 else nn.Identity()
         self.fc.train(self.training)
 
-    def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-        """Cell output c_k (B, w_k, H_k, W_k) of every stage given its features (None: no cell there); fewer
-        features (stop_early) stop the ladder early."""
+    def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Cell output c_k (B, w_k, H_k, W_k) of every stage from ``first_cell_stage`` on, given the stage
+        features; fewer features (stop_early) stop the ladder early."""
         first = self.first_cell_stage
-        h = self.fuses[0](feats[0]) if first and self.fuses else x
-        outs, _ = run_ladder(self.cells, self.fuses, h, feats[first:], fuse_offset=first)
-        return [None] * first + outs
+        h = x
+        if first > 0:
+            for j, fuse in enumerate(self.fuses):  # fuses[0], the branch's entry (TorchScript: no ModuleList[int])
+                if j == 0:
+                    h = fuse(feats[0])
+        outs, _ = self.run_ladder(h, feats[first:], fuse_offset=first)
+        return outs
 
     @torch.jit.unused
     def _joins_observed(self) -> bool:
@@ -333,13 +338,13 @@ class PTLNet(nn.Module):
             return True
         return any(join._forward_hooks or join._forward_pre_hooks for join in self.joins)
 
-    def _stage_maps(self, feats: List[torch.Tensor], outs: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
-        """The stage features cat[f_k, c_k] ``feature_info`` describes, each made by its ``joins[k]``."""
-        maps: List[torch.Tensor] = []
-        for k, join in enumerate(self.joins):
-            if k < len(feats):
-                maps.append(join(feats[k], outs[k]))
-        return maps
+    @torch.jit.unused
+    def _stage_maps(self, feats: List[torch.Tensor], outs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The stage features cat[f_k, c_k] ``feature_info`` describes (f_k alone before the first cell stage),
+        each made by its ``joins[k]``."""
+        first = self.first_cell_stage
+        return [join(feats[k], outs[k - first] if k >= first else None)
+                for k, join in enumerate(self.joins) if k < len(feats)]
 
     def forward_intermediates(
             self,
@@ -368,7 +373,7 @@ class PTLNet(nn.Module):
         intermediates = [maps[k] for k in take_indices]
         if intermediates_only:
             return intermediates
-        if len(outs) == self.num_stages:
+        if len(outs) == self.num_stages - self.first_cell_stage:
             final = self._join(final, outs[-1])
         return final, intermediates
 
@@ -394,17 +399,38 @@ class PTLNet(nn.Module):
     def _join(self, final: torch.Tensor, cell_out: torch.Tensor) -> torch.Tensor:
         return torch.cat([final, match_size(self.cell_norm(cell_out), final)], dim=1)
 
+    def _backbone_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The backbone's final features and stage maps; scripted, through the staged copy of the backbone
+        that ``__prepare_scriptable__`` put in its place."""
+        if torch.jit.is_scripting():
+            feats: List[torch.Tensor] = []
+            final = self.backbone.forward_stages(x, feats)
+            return final, feats
+        return self._backbone_intermediates(x)
+
+    @torch.jit.unused
+    def _backbone_intermediates(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        return self.backbone.forward_intermediates(x)
+
+    def __prepare_scriptable__(self) -> 'PTLNet':
+        """What ``torch.jit.script`` compiles: a copy of this model (the same modules, parameters and buffers)
+        whose backbone runs its stages in TorchScript (timm's ``forward_intermediates`` does not script)."""
+        scripted = module_copy(self)
+        ref = next(self.backbone.parameters())
+        example = torch.randn(1, self.in_chans, *self.img_size, generator=torch.Generator().manual_seed(0))
+        scripted._modules['backbone'] = staged_backbone(
+            self.backbone, example.to(device=ref.device, dtype=ref.dtype), self.backbone_name)
+        return scripted
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_chans, self.backbone_name)
-        final, feats = self.backbone.forward_intermediates(x)
+        final, feats = self._backbone_maps(x)
         outs = self._ladder(x, feats)
         # the stage joins run only where something observes them (hooks, FX return nodes): nothing here reads
         # them, and their copies of the stage maps would cost a few % of every forward
         if not torch.jit.is_scripting() and self._joins_observed():
             self._stage_maps(feats, outs)
-        last = outs[-1]
-        assert last is not None
-        return self._join(final, last)
+        return self._join(final, outs[-1])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         backbone_part, cell_part = x.split([self.backbone_features, x.shape[1] - self.backbone_features], dim=1)

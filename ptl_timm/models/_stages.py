@@ -1,0 +1,136 @@
+"""A scriptable run of a timm backbone's stages, for ``torch.jit.script`` of the models that wrap it.
+
+PTLNet reads a backbone's stage maps with timm's ``forward_intermediates``, which TorchScript cannot compile
+for most CNNs (ResNet's slices a tuple by a variable index). :func:`staged_backbone` returns a copy of the
+backbone that shares every module, parameter and buffer with it (same ``state_dict`` keys) and adds
+``forward_stages(x, feats)``: the modules ``forward_features`` calls, in the order it calls them, appending
+the output of every ``feature_info`` module to ``feats``. The copy is checked against ``forward_intermediates``
+on an example input, so a backbone whose forward does more than chain its modules fails at once, by name.
+"""
+import copy
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+__all__ = ['staged_backbone', 'module_copy']
+
+
+class _StagedModule(nn.Module):
+    """Mixed into a copy of a module (with :class:`~torch.nn.ModuleDict`, for ``items()`` in TorchScript):
+    runs the children named in ``stage_body`` in that order, keeping the outputs of those in ``stage_taps``."""
+    stage_body: List[str]
+    stage_taps: List[str]
+
+    def forward_stages(self, x: torch.Tensor, feats: List[torch.Tensor]) -> torch.Tensor:
+        for name, module in self.items():
+            if name in self.stage_body:
+                if hasattr(module, 'stage_taps'):  # resolved when scripting: a group with taps inside
+                    x = module.forward_stages(x, feats)
+                else:
+                    x = module(x)
+                if name in self.stage_taps:
+                    feats.append(x)
+        return x
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _unstaged, (type(self).__bases__[-1], self.__dict__)
+
+
+class _StagedSequential(nn.Sequential):
+    """Mixed into a copy of a Sequential: runs every child, keeping the outputs at ``stage_taps``."""
+    stage_taps: List[int]
+
+    def forward_stages(self, x: torch.Tensor, feats: List[torch.Tensor]) -> torch.Tensor:
+        for i, module in enumerate(self):
+            if hasattr(module, 'stage_taps'):
+                x = module.forward_stages(x, feats)
+            else:
+                x = module(x)
+            if i in self.stage_taps:
+                feats.append(x)
+        return x
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _unstaged, (type(self).__bases__[-1], self.__dict__)
+
+
+def _unstaged(cls: type, state: Dict[str, Any]) -> nn.Module:
+    """A pickled (or deep-copied) staged copy comes back as a module of its own class."""
+    module = cls.__new__(cls)
+    module.__dict__.update({k: v for k, v in state.items() if k not in ('stage_body', 'stage_taps')})
+    return module
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def _staged_copy(module: nn.Module, body: List[str], taps: List[str], groups: Dict[str, nn.Module]) -> nn.Module:
+    cls = type(module)
+    sequential = isinstance(module, nn.Sequential)
+    if cls not in _CLASSES:
+        bases = (_StagedSequential, cls) if sequential else (_StagedModule, nn.ModuleDict, cls)
+        _CLASSES[cls] = type(f'Staged{cls.__name__}', bases, {'__module__': __name__})
+    staged = module_copy(module)
+    staged._modules.update(groups)
+    staged.__class__ = _CLASSES[cls]
+    names = list(module._modules)
+    if sequential:
+        staged.stage_taps = [names.index(t) for t in taps]
+    else:
+        staged.stage_body = body
+        staged.stage_taps = taps
+    return staged
+
+
+@torch.no_grad()
+def staged_backbone(backbone: nn.Module, example: torch.Tensor, name: str) -> nn.Module:
+    """A copy of the timm ``backbone`` with a scriptable ``forward_stages(x, feats) -> final``; ``feats`` gets
+    the maps ``forward_intermediates`` gives. ``example`` (B, C, H, W) is an input the backbone runs on."""
+    taps = [info['module'] for info in backbone.feature_info]
+    order: List[str] = []
+    hooks = [m.register_forward_pre_hook(lambda m, i, n=n: order.append(n)) for n, m in backbone.named_modules() if n]
+    modes = {m: m.training for m in backbone.modules()}
+    backbone.eval()
+    try:
+        backbone.forward_features(example)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def stage(module: nn.Module, prefix: str) -> nn.Module:
+        called = list(dict.fromkeys(n[len(prefix):].split('.')[0] for n in order if n.startswith(prefix)))
+        groups = {k: stage(child, f'{prefix}{k}.') for k, child in module.named_children()
+                  if any(t.startswith(f'{prefix}{k}.') for t in taps)}
+        own = [k for k in module._modules if f'{prefix}{k}' in taps]
+        if isinstance(module, nn.Sequential) and called != list(module._modules):
+            raise _not_a_chain(name, f'{prefix}* runs {len(called)} of its {len(module)} modules')
+        return _staged_copy(module, called, own, groups)
+
+    try:
+        staged = stage(backbone, '')
+        final, feats = backbone.forward_intermediates(example)
+        got: List[torch.Tensor] = []
+        got_final = staged.forward_stages(example, got)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if len(got) != len(feats) or not torch.equal(got_final, final) or \
+            not all(torch.equal(a, b) for a, b in zip(got, feats)):
+        raise _not_a_chain(name, 'chaining its modules does not give forward_intermediates\' maps')
+    return staged
+
+
+def _not_a_chain(name: str, why: str) -> ValueError:
+    return ValueError(
+        f'TorchScript of PTL on {name}: its forward_features is not a chain of its modules ({why}), so its stages '
+        'cannot be run in TorchScript. Use torch.export or torch.compile for this backbone.')
+
+
+def module_copy(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` with its own attribute and child dicts: replacing a child of the copy (as
+    ``torch.jit.script`` does with the children it prepares) leaves ``module`` as it was."""
+    out = copy.copy(module)
+    out.__dict__ = dict(module.__dict__)
+    out._modules = dict(module._modules)
+    return out

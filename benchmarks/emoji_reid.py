@@ -172,7 +172,7 @@ def build_model(variant: Variant, num_classes: int, args: argparse.Namespace, se
     if kwargs.get('state_mode') == 'carried':
         kwargs['state_slots'] = args.p * args.k  # one slot per batch position, as in the paper
     torch.manual_seed(seed)
-    model = timm.create_model(variant.arch, pretrained=True, num_classes=num_classes,
+    model = timm.create_model(variant.arch, pretrained=True, num_classes=num_classes, reid_output=True,
                               img_size=(args.img_size, args.img_size), pretrained_cfg_overlay=dict(file=str(path)),
                               **kwargs)
     model = model.to(memory_format=torch.channels_last)  # 1.5x faster training on CPU (oneDNN kernels)

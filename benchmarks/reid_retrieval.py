@@ -86,7 +86,7 @@ def build(variant: str, num_classes: int, img_size: int) -> torch.nn.Module:
     from ptl_timm.offline.weights import offline_weights_file
 
     path = offline_weights_file('mobilenetv2_100')
-    model = timm.create_model(MODELS[variant], pretrained=True, num_classes=num_classes,
+    model = timm.create_model(MODELS[variant], pretrained=True, num_classes=num_classes, reid_output=True,
                               img_size=(img_size, img_size), pretrained_cfg_overlay=dict(file=str(path)))
     if variant == 'control':
         # the ladder's only way out is the last cell: zero it and the cells contribute nothing
@@ -202,7 +202,8 @@ def run_real(args: argparse.Namespace) -> None:
     print(f'{args.dataset}: {splits.describe()}', flush=True)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=splits.num_train_pids).to(device)
+    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=splits.num_train_pids,
+                              reid_output=True).to(device)
     size = model.pretrained_cfg['input_size'][1:]
     norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True),
             T.Normalize(model.pretrained_cfg['mean'], model.pretrained_cfg['std'])]

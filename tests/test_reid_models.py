@@ -1,4 +1,5 @@
-"""MGN / MGN_PTL and BNNeck ReID models: registry, outputs, determinism, losses, pretrained loading."""
+"""MGN / MGN_PTL and BNNeck ReID models: registry, outputs (timm's and the ReID recipe's), determinism, losses,
+feature extraction, pretrained loading."""
 import pytest
 import timm
 import torch
@@ -17,7 +18,8 @@ def _seed():
 
 
 def _small_mgn(ptl: bool, **kwargs) -> MGN:
-    return MGN(num_classes=5, backbone='resnet18', feat_dim=8, ptl=ptl, img_size=(48, 16), **kwargs)
+    kwargs = dict(dict(reid_output=True, num_classes=5), **kwargs)
+    return MGN(backbone='resnet18', feat_dim=8, ptl=ptl, img_size=(48, 16), **kwargs)
 
 
 @pytest.mark.parametrize('name', timm.list_models(module=['mgn', 'bnneck']))
@@ -86,7 +88,7 @@ def test_registered_ptl_mgn_loads_resnet50_weights_through_timm(tmp_path):
     resnet = timm.create_model('resnet50')
     path = tmp_path / 'resnet50.safetensors'
     save_file(resnet.state_dict(), str(path))
-    model = timm.create_model('ptl_mgn_resnet50', pretrained=True, num_classes=7,
+    model = timm.create_model('ptl_mgn_resnet50', pretrained=True, num_classes=7, reid_output=True,
                               pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.equal(model.branches[1].layer3[0].conv2.weight, resnet.layer3[1].conv2.weight)
     assert torch.equal(model.layer3[0].downsample[0].weight, resnet.layer3[0].downsample[0].weight)
@@ -108,13 +110,15 @@ def test_mgn_errors_name_the_problem():
 
 @pytest.mark.parametrize('backbone', ['ptl_resnet18', 'resnet18'])
 def test_bnneck_model(backbone):
-    model = ReIDNet(backbone, num_classes=6, img_size=(64, 32))
+    model = ReIDNet(backbone, num_classes=6, img_size=(64, 32), reid_output=True)
     x, y = torch.randn(8, 3, 64, 32), torch.arange(4).repeat_interleave(2)
     out = model.train()(x)
     assert len(out.logits) == 1 and out.logits[0].shape == (8, 6)
     assert out.features[0].shape == out.embedding.shape == (8, model.num_features)
     ReIDLoss()(out, y).backward()
-    assert model.classifier.bias is None and model.neck.bias.grad is None  # BNNeck: no shift
+    # BNNeck: no shift, the fixed zero bias a buffer (timm's tests want a gradient for every parameter)
+    assert model.classifier.bias is None and 'neck.bias' in dict(model.named_buffers())
+    assert 'neck.bias' not in dict(model.named_parameters()) and not model.neck.bias.any()
     assert model.backbone.get_classifier().__class__.__name__ == 'Identity' or model.backbone.num_classes == 0
     model.eval()
     with torch.no_grad():
@@ -141,3 +145,73 @@ def test_reid_models_load_backbone_weights_through_timm(tmp_path):
     # a backbone without a registered reid_* entry goes through the same path
     other = create_reid_model('resnet10t', num_classes=2)
     assert other.pretrained_cfg['input_size'] == (3, 256, 128)
+
+
+@pytest.mark.parametrize('make', [
+    lambda **kw: _small_mgn(True, reid_output=False, **kw),
+    lambda **kw: ReIDNet('ptl_resnet18', img_size=(64, 32), **dict(dict(num_classes=5), **kw)),
+], ids=['mgn', 'bnneck'])
+def test_reid_models_follow_timms_output_conventions(make):
+    """Without reid_output: logits in train and eval mode (what timm's train.py and validate.py take), the
+    embedding without a classifier, unpooled maps with global_pool=''; the ReID loss names the switch."""
+    model = make()
+    x, y = torch.randn(4, 3, 64, 32), torch.arange(2).repeat_interleave(2)
+    logits = model.train()(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (4, 5)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    with pytest.raises(TypeError, match='reid_output=True'):
+        ReIDLoss()(logits, y)
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape[1] == model.num_features
+        emb = model.forward_head(feats, pre_logits=True)
+        assert emb.shape == (4, model.head_hidden_size)
+        assert model(x).shape == (4, 5)
+        model.reset_classifier(0)
+        assert torch.equal(model(x), emb)
+        model.reset_classifier(0, '')
+        assert model(x).shape[-2:] == feats.shape[-2:] and model(x).ndim == 4
+        model = make(num_classes=0, global_pool='')
+        assert model.eval()(x).ndim == 4
+        model.reset_classifier(3)
+        with pytest.raises(ValueError, match='num_classes=0'):
+            model(x)
+
+
+def test_mgn_joined_features_pool_as_the_branch_maps():
+    """forward_features joins the branch maps at the part branches' grid (the global one upsampled, nearest):
+    the embedding is the max-pooled branches' as if pooled one by one."""
+    model = _small_mgn(True).eval()
+    x = torch.randn(2, 3, 64, 32)
+    with torch.no_grad():
+        maps = model._branch_maps(x, model._trunk(x))
+        joined = model.forward_features(x)
+        glob = model.reductions[0](maps[0].amax(dim=(2, 3)))
+        emb = model.forward_head(joined, pre_logits=True)
+    assert maps[0].shape[-1] * 2 == maps[1].shape[-1] and joined.shape[-2:] == maps[1].shape[-2:]
+    assert torch.equal(emb[:, :8], glob)
+    assert torch.equal(joined[:, :maps[0].shape[1]].amax(dim=(2, 3)), maps[0].amax(dim=(2, 3)))
+
+
+@pytest.mark.parametrize('feature_cls', ['getter', 'hook', 'list', 'dict', 'fx'])
+def test_mgn_features_only_gives_the_maps_feature_info_describes(feature_cls):
+    """Every features_only form gives the trunk's maps and the joined branch map, as feature_info says."""
+    kwargs = dict(num_classes=0, img_size=(64, 32))
+    x = torch.randn(1, 3, 64, 32)
+    torch.manual_seed(1)
+    model = timm.create_model('ptl_mgn_resnet50', **kwargs).eval()
+    torch.manual_seed(1)  # the same weights inside the extractor
+    extractor = timm.create_model('ptl_mgn_resnet50', features_only=True, feature_cls=feature_cls,
+                                  out_indices=(1, 4), **kwargs).eval()
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        got = extractor(x)
+    assert torch.equal(final, model.forward_features(x)) and torch.equal(maps[-1], final)
+    assert [m.shape[1] for m in maps] == [i['num_chs'] for i in model.feature_info]
+    assert [64 // m.shape[-2] for m in maps] == [i['reduction'] for i in model.feature_info]
+    got = list(got.values()) if isinstance(got, dict) else got
+    assert extractor.feature_info.channels() == [maps[1].shape[1], maps[4].shape[1]]
+    assert len(got) == 2
+    for g, m in zip(got, (maps[1], maps[4])):
+        torch.testing.assert_close(g, m, rtol=0, atol=0)

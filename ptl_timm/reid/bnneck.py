@@ -4,10 +4,12 @@
 (Luo et al., "Bag of Tricks", 2019): pooled backbone feature -> BatchNorm (bias fixed at 0) -> linear
 classifier without bias. Any other timm or ``ptl_*`` backbone: :func:`create_reid_model`.
 
-Outputs: eval mode ``model(x)`` is the embedding (B, D), deterministic and independent of the batch, ready to
-L2-normalise; ``forward_head(x, pre_logits=True)`` gives the same. Train mode ``model(x)`` and
-``forward_head(x)`` give a :class:`~ptl_timm.reid.losses.ReIDOutput` (logits for cross-entropy, features for
-the triplet loss, embedding) for :class:`~ptl_timm.reid.losses.ReIDLoss`.
+Outputs follow timm's conventions by default: ``model(x)`` gives the identity logits (B, num_classes), or the
+embedding (B, D) with ``num_classes=0``; ``forward_head(x, pre_logits=True)`` gives the embedding, deterministic
+and independent of the batch in eval mode, ready to L2-normalise. So timm's train.py trains them with its
+cross-entropy. ``reid_output=True`` gives the ReID recipe's outputs instead: in train mode a
+:class:`~ptl_timm.reid.losses.ReIDOutput` (logits for cross-entropy, features for the triplet loss, embedding) for
+:class:`~ptl_timm.reid.losses.ReIDLoss`, in eval mode the embedding.
 """
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -34,13 +36,43 @@ from ..models._helpers import (
     set_feature_cfg,
     tagged_cfg,
 )
+from ..models._stages import module_copy
 from ..models.ptlnet import PTLNet, checkpoint_filter_fn
-from ._common import REID_CFG, fit_checkpoint
+from ._common import REID_CFG, fit_checkpoint, pool_size
 from .losses import ReIDOutput
 
 __all__ = ['ReIDNet', 'create_reid_model', 'reid_checkpoint_filter_fn', 'REID_INPUT_SIZE', 'REID_BACKBONES']
 
 REID_INPUT_SIZE = (3, 256, 128)
+
+
+class BNNeck(nn.BatchNorm1d):
+    """BNNeck's BatchNorm with its bias fixed at 0 (the embedding stays centred), over pooled features (B, D),
+    and at every position of unpooled maps (B, D, H, W) (``global_pool=''``), as the head norms of timm's CNNs.
+    Its state_dict has a BatchNorm1d's keys; the fixed bias is a buffer, not a parameter without gradient."""
+
+    def __init__(self, num_features: int, **kwargs: Any):
+        super().__init__(num_features, **kwargs)
+        bias = self.bias.detach()
+        del self.bias
+        self.register_buffer('bias', bias)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        _check_neck_input(input)
+
+
+# shape tests: one call each in an FX graph (any tracer), run on real tensors
+@torch.fx.wrap
+def _check_pooled(embedding: torch.Tensor) -> None:
+    if embedding.dim() != 2:
+        raise ValueError("Unpooled features (global_pool='') have no identity logits: create the model with "
+                         'num_classes=0, or reset_classifier(0, ...).')
+
+
+@torch.fx.wrap
+def _check_neck_input(x: torch.Tensor) -> None:
+    if x.dim() != 2 and x.dim() != 4:
+        raise ValueError(f'BNNeck expects (B, D) or (B, D, H, W) features, got {x.dim()}D input')
 
 
 class ReIDNet(nn.Module):
@@ -55,6 +87,8 @@ class ReIDNet(nn.Module):
         num_classes: training identities (0: no classifier).
         in_chans: image channels.
         img_size: nominal input (H, W); a PTL backbone stores its cells' state at the grids it gives.
+        reid_output: ``forward`` gives a :class:`~ptl_timm.reid.losses.ReIDOutput` in train mode and the
+            embedding in eval mode (the ReID recipe), instead of logits (timm's convention).
         **backbone_kwargs: passed to the backbone (``drop_path_rate``, ``state_mode``, ...).
     """
 
@@ -64,6 +98,7 @@ class ReIDNet(nn.Module):
             num_classes: int = 751,
             in_chans: int = 3,
             img_size: Union[int, Tuple[int, int]] = REID_INPUT_SIZE[1:],
+            reid_output: bool = False,
             device: Optional[Union[str, torch.device]] = None,
             dtype: Optional[torch.dtype] = None,
             **backbone_kwargs: Any,
@@ -74,6 +109,7 @@ class ReIDNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
+        self.reid_output = reid_output
         if _is_ptl(backbone):
             backbone_kwargs['img_size'] = self.img_size
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, in_chans=in_chans,
@@ -83,8 +119,7 @@ class ReIDNet(nn.Module):
             self.backbone.num_features
         # the backbone's stages, under its name here: features_only extractors find them in this model
         self.feature_info = [dict(info, module=f'backbone.{info["module"]}') for info in self.backbone.feature_info]
-        self.neck = nn.BatchNorm1d(self.num_features)
-        self.neck.bias.requires_grad_(False)  # BNNeck: no shift, the embedding stays centred
+        self.neck = BNNeck(self.num_features)
         self.classifier = self._classifier(num_classes)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)  # the neck and the classifier; the backbone was created there
@@ -145,19 +180,37 @@ class ReIDNet(nn.Module):
             self.classifier = nn.Identity()
         return take_indices
 
+    def __prepare_scriptable__(self) -> 'ReIDNet':
+        """``torch.jit.script`` puts a prepared copy of a PTL backbone in place of the child it compiles: a copy
+        of this model takes it, not this one."""
+        return module_copy(self)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_features(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> Union[torch.Tensor, ReIDOutput]:
-        f = self.backbone.forward_head(x, pre_logits=True)
-        embedding = self.neck(f)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Embedding (B, D) with ``pre_logits``, else the identity logits (B, num_classes) (the embedding when
+        ``num_classes=0``). Unpooled features (``global_pool=''``) give a (B, D, H, W) embedding map."""
+        embedding = self.neck(self.backbone.forward_head(x, pre_logits=True))
         if pre_logits:
             return embedding
+        if self.num_classes > 0:
+            _check_pooled(embedding)
+        return self.classifier(embedding)
+
+    def forward_reid_head(self, x: torch.Tensor) -> ReIDOutput:
+        """The ReID recipe's outputs from ``forward_features``: the pooled feature f for the triplet loss, the
+        embedding BN(f) and its logits for the cross-entropy."""
+        f = self.backbone.forward_head(x, pre_logits=True)
+        embedding = self.neck(f)
         logits = [self.classifier(embedding)] if self.num_classes > 0 else []
         return ReIDOutput(logits=logits, features=[f], embedding=embedding)
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, ReIDOutput]:
-        return self.forward_head(self.forward_features(x), pre_logits=not self.training)
+        x = self.forward_features(x)
+        if self.reid_output and self.training:
+            return self.forward_reid_head(x)
+        return self.forward_head(x, pre_logits=self.reid_output)
 
 
 def _is_ptl(name: str) -> bool:
@@ -191,9 +244,11 @@ def _create_reid(variant: str, backbone: str, pretrained: bool = False, **kwargs
 
 
 def _reid_cfgs(backbone: str) -> Dict[str, Dict[str, Any]]:
+    pool = pool_size(backbone, REID_INPUT_SIZE)
     cfgs = derived_pretrained_cfgs(backbone, f'reid_{backbone}', 'ReID layers start fresh.', prefix='backbone.',
-                                   classifier='classifier', input_size=REID_INPUT_SIZE, **REID_CFG)
-    return cfgs or {f'reid_{backbone}': dict(input_size=REID_INPUT_SIZE, classifier='classifier', num_classes=0)}
+                                   classifier='classifier', input_size=REID_INPUT_SIZE, **REID_CFG, pool_size=pool)
+    return cfgs or {f'reid_{backbone}': dict(input_size=REID_INPUT_SIZE, pool_size=pool, classifier='classifier',
+                                             num_classes=0)}
 
 
 def create_reid_model(backbone: str, pretrained: bool = False, **kwargs: Any) -> ReIDNet:

@@ -23,15 +23,24 @@ from torchvision.transforms import v2 as T
 from ..hub.checkpoint import read_checkpoint
 from .datasets import IMAGE_EXTENSIONS
 
-__all__ = ['FeatureExtractor', 'flip_embed', 'list_images', 'load_weights']
+__all__ = ['FeatureExtractor', 'embed', 'flip_embed', 'list_images', 'load_weights']
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 
 
 @torch.no_grad()
+def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The embedding of ``x`` (B, C, H, W): a timm model's pre-logits features (``forward_head(...,
+    pre_logits=True)``, whatever its classifier or ``reid_output``), else what ``model(x)`` returns."""
+    if hasattr(model, 'forward_features') and hasattr(model, 'forward_head'):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    return model(x)
+
+
+@torch.no_grad()
 def flip_embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Mean of the embeddings of ``x`` (B, C, H, W) and of its horizontal mirror: the usual test-time flip."""
-    return (model(x) + model(torch.flip(x, dims=[3]))) / 2
+    return (embed(model, x) + embed(model, torch.flip(x, dims=[3]))) / 2
 
 
 def load_weights(model: nn.Module, path: Union[str, Path], use_ema: bool = False) -> None:
@@ -139,10 +148,10 @@ class FeatureExtractor:
         outs = []
         for x in self._batches(inputs):
             x = x.to(self.device)
-            f = flip_embed(self.model, x) if self.flip else self.model(x)
+            f = flip_embed(self.model, x) if self.flip else embed(self.model, x)
             if not isinstance(f, torch.Tensor) or f.ndim != 2:
-                raise ValueError(f'The model returned {type(f).__name__} of shape {getattr(f, "shape", None)}, '
-                                 'not (B, D) embeddings: use a ReID model or one created with num_classes=0.')
+                raise ValueError(f'The model gave {type(f).__name__} of shape {getattr(f, "shape", None)}, not (B, D) '
+                                 "embeddings: use a model with a pooling head (not global_pool='').")
             outs.append(f.float().cpu())
         if not outs:
             raise ValueError('No images were given.')

@@ -1,7 +1,7 @@
 """ReID training losses: batch-hard triplet (Hermans et al. 2017) + cross-entropy with label smoothing.
 
-The ReID models of this package return a :class:`ReIDOutput` in train mode; :class:`ReIDLoss` takes it
-with the identity targets::
+The ReID models of this package created with ``reid_output=True`` return a :class:`ReIDOutput` in train
+mode; :class:`ReIDLoss` takes it with the identity targets::
 
     out = model(images)                     # train mode
     loss = ReIDLoss(margin=1.2)(out, pids)  # mean CE over out.logits + mean triplet over out.features
@@ -91,8 +91,9 @@ class ReIDLoss(nn.Module):
 
     def forward(self, output: ReIDOutput, targets: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, ReIDOutput):
-            raise TypeError(f'ReIDLoss takes the train-mode ReIDOutput of a ReID model, got {type(output).__name__} '
-                            '(is the model in eval mode? call model.train()).')
+            raise TypeError(f'ReIDLoss takes the train-mode ReIDOutput of a ReID model, got {type(output).__name__}: '
+                            'create the model with reid_output=True (else it gives logits, as timm models do) and '
+                            'call model.train().')
         loss = torch.zeros((), device=targets.device)
         if self.ce_weight:
             loss = loss + self.ce_weight * torch.stack([self.ce(lg, targets) for lg in output.logits]).mean()

@@ -102,6 +102,9 @@ def save_pretrained(
     config_path = directory / 'config.json'
     config = json.loads(config_path.read_text())
     config['pretrained_cfg'] = {k: v for k, v in config['pretrained_cfg'].items() if v is not None}
+    # the grid of forward_features at the recorded input size (timm checks it against its models' cfgs)
+    reduction = model.feature_info[-1]['reduction']
+    config['pretrained_cfg']['pool_size'] = [-(-n // reduction) for n in config['pretrained_cfg']['input_size'][1:]]
     # num_classes lives at the root of config.json, from where timm passes it on; transformers' TimmWrapper
     # passes num_classes=num_labels next to model_args, so a copy in model_args is a duplicate keyword there
     config['model_args'].pop('num_classes', None)

@@ -1,8 +1,9 @@
 """Export a ptl_* model for deployment: TorchScript, torch.export and ONNX, with the frozen latent state baked in.
 
 A model in eval mode never writes its state: every forward reads the same dataset-level state, so for deployment
-the state is a constant of the graph, like BN running statistics. The exported graph takes images of one spatial
-size (the one given at export; the state is resampled to that grid once, in the graph) and any batch size::
+the state is a constant of the graph, like BN running statistics. ONNX and torch.export graphs take images of one
+spatial size (the one given at export; the state is resampled to that grid once, in the graph) and any batch
+size; TorchScript (compiled, not traced) takes any size::
 
     from ptl_timm.deploy import export_onnx
     export_onnx(model, 'model.onnx', input_size=(3, 224, 224))   # input 'input' (B, 3, 224, 224) -> 'output'
@@ -78,15 +79,23 @@ def _batch_dim() -> torch.export.Dim:
 
 
 def export_torchscript(model: nn.Module, path: Union[str, Path], input_size: Optional[Sequence[int]] = None) -> Path:
-    """TorchScript by tracing (loads with ``torch.jit.load``, no ptl_timm or timm needed). Any batch size; the
-    spatial size is the traced one (``torch.jit.script`` does not compile timm's models with their shape checks)."""
+    """TorchScript (loads with ``torch.jit.load``, no ptl_timm or timm needed): compiled with ``torch.jit.script``,
+    so any batch and spatial size. A model TorchScript cannot compile (a backbone whose forward is not a chain of
+    its modules) is traced instead, with a warning: any batch size, the traced spatial size."""
     model = prepare_for_export(model)
     path = Path(path)
-    with torch.no_grad(), warnings.catch_warnings():
-        # the tracer warns about every shape test: fixing the spatial size is the intent here
-        warnings.simplefilter('ignore', torch.jit.TracerWarning)
-        traced = torch.jit.trace(model, example_input(model, input_size))
-    traced.save(str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script's deprecation notice
+        try:
+            scripted = torch.jit.script(model)
+        except (ValueError, RuntimeError) as e:
+            _logger.warning(f'torch.jit.script failed ({type(e).__name__}: {str(e).splitlines()[0]}); tracing '
+                            'instead: the TorchScript file takes the example\'s spatial size only.')
+            with torch.no_grad():
+                # the tracer warns about every shape test: fixing the spatial size is the intent here
+                warnings.simplefilter('ignore', torch.jit.TracerWarning)
+                scripted = torch.jit.trace(model, example_input(model, input_size))
+    scripted.save(str(path))
     return path
 
 

@@ -72,8 +72,11 @@ def test_torch_export_matches_pytorch_eval_and_rejects_another_image_size(traine
 
 
 def test_torchscript_matches_pytorch_eval(trained, tmp_path):
+    """Compiled, not traced: the file takes any image size, the state resampled as in eager."""
     path = export_model(trained, tmp_path / 'model.pt', input_size=INPUT_SIZE)
     check_export(trained, path, input_size=INPUT_SIZE, batch_sizes=(1, 3), rtol=1e-5, atol=1e-6)
+    other = (INPUT_SIZE[0], INPUT_SIZE[1] + 16, INPUT_SIZE[2] + 8)
+    check_export(trained, path, input_size=other, batch_sizes=(2,), rtol=1e-5, atol=1e-6)
 
 
 def test_export_uses_a_frozen_copy_and_leaves_the_model_alone(trained, program):

@@ -8,7 +8,7 @@
 #   4. ruff check ., then python -m pytest; with PTL_TIMM_STRICT_TESTS=1 (CI, or whenever everything installed)
 #      a skipped test fails
 #   5. without extra arguments: timm's own tests/test_models.py, from the sdist of the installed timm (cached in
-#      ${PTL_TIMM_CACHE:-~/.cache/ptl_timm}/timm-<version>), on the registered models (one per code path)
+#      ${PTL_TIMM_CACHE:-~/.cache/ptl_timm}/timm-<version>), on every registered model
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
@@ -61,20 +61,11 @@ if [ ! -f "$timm_src/tests/test_models.py" ]; then
     mkdir -p "$timm_src" && tar xzf "$tmp/timm-$timm_version.tar.gz" -C "$timm_src" --strip-components=1
     rm -rf "$tmp"
 fi
-# from the registry, the smallest model of each code path (tests/timm_models.py): the registered models differ
-# within one only in depth and width, and all of them would not fit the suite's time on two CPU cores
+# every model this package registers (tests/timm_models.py), with its pretrained tags
 models="$(python tests/timm_models.py)"
-# Deselected as timm deselects its own models of the same family: timm's EXCLUDE_JIT_FILTERS has 'densenet*'
-# (DenseNet does not script), which misses the ptl_ prefix.
-exclude="(test_model_forward_torchscript and ptl_densenet)"
-# KNOWN GAPS, not timm's exclusions: deselected so that the rest gates CI, and announced on every run.
-#   TorchScript of PTL models: timm's forward_intermediates (ResNet's among others) does not script.
-#   MGN: forward_features gives one map per branch (a list), train mode a ReIDOutput.
-#   reid_*: train-mode forward gives a ReIDOutput (backward tests); REID_CFG has no pool_size (cfg tests).
-#   *.animal_mnist (full-PTL tags of the weights manifest): their cfgs have no pool_size.
-known_gaps="(test_model_forward_torchscript and ptl_) or mgn_resnet50 or (reid_ and (test_model_backward or test_model_default_cfgs)) or animal_mnist"
-echo "WARNING: timm's test_models.py runs without these known gaps of ptl_timm: $known_gaps" >&2
-# GITHUB_ACTIONS: timm's tests as timm's CI runs them, without the tests that download pretrained weights
+# GITHUB_ACTIONS: timm's tests as timm's CI runs them, without the tests that download pretrained weights. Nothing
+# is deselected: the ptl_densenet* models also pass the TorchScript test timm skips for its own densenet*.
+# pytest-xdist: two workers of one thread each, as the 300-odd tests would not fit the suite's time in one.
 cd "$timm_src"
-GITHUB_ACTIONS=true python -m pytest -q -p ptl_timm -p no:cacheprovider tests/test_models.py \
-    -k "($models) and not $exclude and not ($known_gaps)"
+OMP_NUM_THREADS=1 GITHUB_ACTIONS=true python -m pytest -q -n 2 -p ptl_timm -p no:cacheprovider tests/test_models.py \
+    -k "$models"

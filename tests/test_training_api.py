@@ -255,8 +255,8 @@ def test_sync_batchnorm_conversion_keeps_cells_and_checkpoints(eager):
 def test_torch_compile_trains_like_eager(eager):
     """train.py --torchcompile. The aot_eager backend runs Dynamo and AOTAutograd (where the in-place state write
     is functionalised) without inductor's C++ build, which takes minutes on a small CPU. The second step reads
-    the state the first wrote: a graph that recomputes a state read after its write (docs/training.md, torch.compile)
-    fails here."""
+    the state the first wrote (inductor's partitioner, which could recompute a state read after its write, is
+    checked in tests/test_device.py and tests/test_compile.py; docs/training.md, torch.compile)."""
     ref, out_ref = eager
     compiled_src = _model()
     compiled = torch.compile(compiled_src, backend='aot_eager')

@@ -89,11 +89,10 @@ def _state_read(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, trai
     if training:  # the forward writes the state after this read
         state = torch.ops.ptl_timm.state_snapshot(state)
     prev = state.mean(0, keepdim=True)
-    if training:
-        # per-slot while updating, the dataset-level state when frozen: selected on the flag's value, not
+    if training and state.shape[0] > 1:
+        # per slot while updating, the dataset-level state when frozen: selected on the flag's value, not
         # branched on it, so compiled and exported graphs serve both without a guard on the buffer's data.
-        # The shared state (one slot) is read the same way, per sample: a compiled backward (AOTAutograd)
-        # would otherwise re-read the single slot from the buffer after the in-place write.
+        # One slot reads the same either way, broadcast over the batch.
         slots = torch.arange(c.shape[0], device=state.device) % state.shape[0]
         prev = torch.where(frozen, prev, state.index_select(0, slots))
     return _resize(prev, c.shape[-2:])

@@ -67,7 +67,10 @@ class Variant:
     ``memory``: ``'xbm'`` adds XBM's triplet term against a FIFO memory of past embeddings;
     ``'identity'`` adds a per-identity memory of embedding centroids and a contrastive loss against
     all of them (:class:`IdentityMemory`). ``state_momentum``: the shared state is written as a running
-    average (slow dataset-level statistics) instead of the last batch's mean.
+    average (slow dataset-level statistics) instead of the last batch's mean. ``state_by_camera``: the cells
+    keep one state slot per camera (vendor) and every image reads and writes its camera's slot, in training and
+    at inference, where the camera is known as in the ReID protocol (camera-aware statistics, as camera-based
+    batch norm): a state that can carry what a learned constant cannot.
     """
     arch: str
     train: bool = True
@@ -75,6 +78,7 @@ class Variant:
     memory: Optional[str] = None
     xbm_memory: Optional[int] = None  # None: --xbm-memory
     state_momentum: Optional[float] = None
+    state_by_camera: bool = False
     model_kwargs: Tuple[Tuple[str, Any], ...] = ()
 
     @property
@@ -95,6 +99,7 @@ VARIANTS: Dict[str, Variant] = {
     'xbm_4096': Variant(PLAIN, memory='xbm', xbm_memory=4096),  # the peer's own setting, chosen on validation
     # where else a carried state can act (chosen on validation): slow statistics, memories in the loss
     'ema': Variant(PTL, model_kwargs=SHARED, state_momentum=0.1),
+    'camstate': Variant(PTL, model_kwargs=(('state_mode', 'carried'), ('state_slots', 4)), state_by_camera=True),
     'shared_xbm': Variant(PTL, model_kwargs=SHARED, memory='xbm'),
     'control_xbm': Variant(PTL, cells_removed=True, memory='xbm'),
     'shared_idmem': Variant(PTL, model_kwargs=SHARED, memory='identity'),
@@ -105,7 +110,8 @@ VARIANTS: Dict[str, Variant] = {
 COMPARISONS = (
     ('control', 'plain'), ('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'reset'),
     ('carried', 'reset'), ('xbm', 'plain'), ('shared', 'xbm'), ('carried', 'xbm'), ('reset', 'xbm'),
-    ('ema', 'shared'), ('ema', 'control'), ('shared_xbm', 'control_xbm'), ('shared_xbm', 'xbm'),
+    ('ema', 'shared'), ('ema', 'control'), ('camstate', 'shared'), ('camstate', 'control'),
+    ('shared_xbm', 'control_xbm'), ('shared_xbm', 'xbm'),
     ('shared_xbm', 'shared'), ('control_xbm', 'control'), ('shared_idmem', 'control_idmem'), ('shared_idmem', 'shared'),
     ('control_idmem', 'control'), ('idmem', 'plain'), ('shared_idmem', 'xbm'),
 )
@@ -169,7 +175,7 @@ def build_model(variant: Variant, num_classes: int, args: argparse.Namespace, se
 
     path = offline_weights_file('mobilenetv2_100')  # before seeding: a cold cache must not move the RNG
     kwargs = dict(variant.model_kwargs)
-    if kwargs.get('state_mode') == 'carried':
+    if kwargs.get('state_mode') == 'carried' and 'state_slots' not in kwargs:
         kwargs['state_slots'] = args.p * args.k  # one slot per batch position, as in the paper
     torch.manual_seed(seed)
     model = timm.create_model(variant.arch, pretrained=True, num_classes=num_classes, reid_output=True,
@@ -185,7 +191,41 @@ def build_model(variant: Variant, num_classes: int, args: argparse.Namespace, se
         for cell in bconv_cells(model):
             cell._write_state = types.MethodType(partial(_running_average_write, momentum=variant.state_momentum),
                                                  cell)
+    if variant.state_by_camera:
+        from ptl_timm import bconv_cells
+
+        for cell in bconv_cells(model):
+            cell.camera_ids = None  # set before every forward by set_cameras
+            cell._read_state = types.MethodType(_camera_read, cell)
+            cell._write_state = types.MethodType(_camera_write, cell)
     return model
+
+
+def set_cameras(model: nn.Module, camids: np.ndarray) -> None:
+    """Tell the cells of a ``state_by_camera`` model the camera of every image of the next forward."""
+    ids = torch.from_numpy(np.asarray(camids, dtype=np.int64))
+    for cell in model.modules():
+        if hasattr(cell, 'camera_ids'):
+            cell.camera_ids = ids
+
+
+def _camera_read(cell: nn.Module, c: torch.Tensor) -> torch.Tensor:
+    """Prototype state read: each image's camera slot (B, C, Hs, Ws), at ``c``'s grid, in training and eval."""
+    from ptl_timm.layers.bconv_cell import _resize
+
+    return _resize(cell.state.index_select(0, cell.camera_ids), c.shape[-2:])
+
+
+@torch.no_grad()
+def _camera_write(cell: nn.Module, c: torch.Tensor) -> None:
+    """Prototype state write: each camera slot gets the mean of its images' ``c``; slots not seen keep theirs."""
+    from ptl_timm.layers.bconv_cell import _resize
+
+    c = _resize(c.float(), cell.state.shape[-2:])
+    slots = cell.camera_ids
+    sums = torch.zeros_like(cell.state).index_add_(0, slots, c)
+    counts = torch.bincount(slots, minlength=cell.state.shape[0]).to(sums.dtype).view(-1, 1, 1, 1)
+    cell.state.copy_(torch.where(counts > 0, sums / counts.clamp(min=1), cell.state))
 
 
 @torch.no_grad()
@@ -228,7 +268,7 @@ class IdentityMemory(nn.Module):
 @torch.no_grad()
 def identity_centroids(model: nn.Module, split: Split, args: argparse.Namespace) -> torch.Tensor:
     """(num_ids, D) mean normalised embedding of every training identity under the initial model."""
-    feats = F.normalize(embed(model, split.images, args.img_size), dim=1)
+    feats = F.normalize(embed(model, split, args.img_size), dim=1)
     pids = torch.from_numpy(split.pids)
     sums = torch.zeros(int(pids.max()) + 1, feats.shape[1]).index_add_(0, pids, feats)
     return sums / torch.bincount(pids).unsqueeze(1)
@@ -271,6 +311,7 @@ def train(model: nn.Module, variant: Variant, split: Split, args: argparse.Names
             flip = torch.rand(len(batch), generator=gen) < 0.5
             x = random_erasing(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x), gen)
             y = pids[batch]
+            set_cameras(model, split.camids[batch])
             out = model(x.contiguous(memory_format=torch.channels_last))
             loss = criterion(out, y)
             if variant.memory == 'xbm':
@@ -289,9 +330,13 @@ def train(model: nn.Module, variant: Variant, split: Split, args: argparse.Names
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: np.ndarray, size: int, batch: int = 256) -> torch.Tensor:
+def embed(model: nn.Module, split: Split, size: int, batch: int = 256) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(to_input(images[s:s + batch], size)) for s in range(0, len(images), batch)])
+    out = []
+    for s in range(0, len(split.images), batch):
+        set_cameras(model, split.camids[s:s + batch])
+        out.append(model(to_input(split.images[s:s + batch], size)))
+    return torch.cat(out)
 
 
 def score(feats: torch.Tensor, split: Split) -> Dict[str, Any]:
@@ -312,7 +357,7 @@ def evaluate_model(model: nn.Module, variant: Variant, splits: Dict[str, Split],
     """Scores of val and test; PTL models also with the state zeroed and with the cells' output zeroed."""
     out = {}
     for name in ('val', 'test'):
-        out[name] = score(embed(model, splits[name].images, args.img_size), splits[name])
+        out[name] = score(embed(model, splits[name], args.img_size), splits[name])
     if variant.ptl and not variant.cells_removed:
         from ptl_timm import bconv_cells
 
@@ -321,12 +366,12 @@ def evaluate_model(model: nn.Module, variant: Variant, splits: Dict[str, Split],
         for c in cells:
             c.reset_state()
         for name in ('val', 'test'):
-            out[f'{name}_state_zeroed'] = score(embed(model, splits[name].images, args.img_size), splits[name])
+            out[f'{name}_state_zeroed'] = score(embed(model, splits[name], args.img_size), splits[name])
         for c, s in zip(cells, saved):
             c.state.copy_(s)
         hook = model.backbone.cells[-1].register_forward_hook(lambda m, i, o: torch.zeros_like(o))
         for name in ('val', 'test'):
-            out[f'{name}_cells_off'] = score(embed(model, splits[name].images, args.img_size), splits[name])
+            out[f'{name}_cells_off'] = score(embed(model, splits[name], args.img_size), splits[name])
         hook.remove()
     return out
 

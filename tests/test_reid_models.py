@@ -1,5 +1,7 @@
 """MGN / MGN_PTL and BNNeck ReID models: registry, outputs (timm's and the ReID recipe's), determinism, losses,
 feature extraction, pretrained loading."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -215,3 +217,29 @@ def test_mgn_features_only_gives_the_maps_feature_info_describes(feature_cls):
     assert len(got) == 2
     for g, m in zip(got, (maps[1], maps[4])):
         torch.testing.assert_close(g, m, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', ['reid_ptl_resnet18', 'ptl_mgn_resnet50'])
+def test_reid_models_script_trace_and_compile(name):
+    """TorchScript (eval embedding; train mode's ReIDOutput as a tuple), an FX trace and a whole-graph compiled
+    training step give the eager outputs."""
+    kwargs = dict(num_classes=4, img_size=(64, 32), reid_output=True)
+    x = torch.randn(4, 3, 64, 32)
+    model = timm.create_model(name, **kwargs).eval()
+    with pytest.warns(FutureWarning):  # torch.jit.script's deprecation notice
+        scripted = torch.jit.script(model)
+    traced = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(scripted(x), expected)
+        torch.testing.assert_close(traced(x), expected)
+        logits, features, embedding = scripted.train()(x)
+    assert len(logits) == (8 if 'mgn' in name else 1) and embedding.shape == expected.shape
+    model.train()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    out, ref = compiled(x), eager(x)
+    assert isinstance(out, ReIDOutput)
+    torch.testing.assert_close(out.embedding, ref.embedding)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b)

@@ -18,6 +18,9 @@ are its smallest). Each model is first classified from the plain timm backbone, 
 - features_only: ``create_ptl_model(name, features_only=True)`` (timm's getter wrapper) gives one NCHW map per
   stage with the channels its ``feature_info`` lists.
 
+Then, for the families where all of that works, and outside that verdict: TorchScript, ``torch.jit.script`` of the
+eval model gives the eager outputs (a backbone whose forward is not a chain of its modules is refused by name).
+
 Input: S = the first of 64, 128 and 224 px the plain backbone runs at, else its own pretrained input size (and
 that size when it is fixed). Writes
 benchmarks/results/family_coverage.{json,md}; every finished family is appended to
@@ -31,6 +34,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -171,6 +175,18 @@ def _state_rules(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def _torchscript(model: torch.nn.Module, x: torch.Tensor) -> None:
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.script's deprecation notice
+        scripted = torch.jit.script(model)
+    expected, got = model(x), scripted(x)
+    diff = (got - expected).abs().max().item() / max(expected.abs().max().item(), 1.)
+    if diff > 1e-4:
+        raise AssertionError(f'scripted outputs differ from eager (max relative difference {diff:.2e})')
+
+
+@torch.no_grad()
 def _features_only(name: str, size: int, x: torch.Tensor) -> None:
     model = ptl_timm.create_ptl_model(name, features_only=True, img_size=size).eval()
     feats = model(x)
@@ -219,6 +235,12 @@ def check_family(family: str, model: Optional[str] = None, timeout: int = 600) -
                 row[step] = _reason(e)
                 row['failed_step'] = step
                 break
+        else:
+            try:
+                _torchscript(ptl, x)
+                row['torchscript'] = 'ok'
+            except Exception as e:
+                row['torchscript'] = _reason(e)
     except Exception as e:  # the plain backbone itself cannot be built or classified
         row.update(hierarchical=False, rule=f'plain backbone fails: {_reason(e)}')
     finally:
@@ -246,6 +268,7 @@ def summary(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
         not_hierarchical=len(rows) - len(cnn),
         not_hierarchical_working=sum(r['works'] for r in rows if not r['hierarchical']),
         failures_at_build=len(early), failures=sum(not r['works'] for r in rows),
+        hierarchical_scriptable=sum(r.get('torchscript') == 'ok' for r in working),
     )
 
 
@@ -254,21 +277,25 @@ def markdown(rows: Sequence[Dict[str, Any]], stats: Dict[str, Any]) -> str:
         f'Hierarchical CNN families that work: {stats["hierarchical_working"]} of {stats["hierarchical"]} '
         f'({stats["hierarchical_working_pct"]} %); not hierarchical: {stats["not_hierarchical"]} families, '
         f'{stats["not_hierarchical_working"]} of them work; failures at build time: {stats["failures_at_build"]} '
-        f'of {stats["failures"]}.',
+        f'of {stats["failures"]}. TorchScript of the working hierarchical families: '
+        f'{stats["hierarchical_scriptable"]} of {stats["hierarchical_working"]}.',
         '',
-        '| family | model | kind | px | build | fwd/bwd | state | features_only | reason |',
-        '|---|---|---|---|---|---|---|---|---|',
+        '| family | model | kind | px | build | fwd/bwd | state | features_only | TorchScript | reason |',
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
     for r in rows:
         kind = 'hierarchical CNN' if r['hierarchical'] else 'not hierarchical'
         reason = '' if r['works'] else (r.get(r.get('failed_step', ''), '') or r['rule'])
+        if r['works'] and r.get('torchscript') not in (None, 'ok'):
+            reason = f'TorchScript: {r["torchscript"]}'
+
         if not r['hierarchical'] and r['rule'] not in reason:
             reason = f'{r["rule"]}; PTL: {reason}' if reason else r['rule']
         reason = reason.replace('|', '/').replace('\n', ' ')
         lines.append(
             f'| {r["family"]} | `{r["model"]}` | {kind} | {r.get("size", "-")} | {_cell(r.get("build"))} | '
             f'{_cell(r.get("forward_backward"))} | {_cell(r.get("state"))} | {_cell(r.get("features_only"))} | '
-            f'{reason} |')
+            f'{_cell(r.get("torchscript"))} | {reason} |')
     return '\n'.join(lines) + '\n'
 
 

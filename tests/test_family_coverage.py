@@ -24,6 +24,7 @@ def test_hierarchical_cnn_family_works_as_recorded(family):
     assert row['hierarchical'] and row['works'], row
     assert all(row[step] == 'ok' for step in family_coverage.STEPS)
     assert row['size'] == ROWS[family]['size'] and ROWS[family]['works']
+    assert row['torchscript'] == ROWS[family]['torchscript']
 
 
 @pytest.mark.parametrize('family', sorted(REFUSED))

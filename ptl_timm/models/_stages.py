@@ -8,7 +8,7 @@ the output of every ``feature_info`` module to ``feats``. The copy is checked ag
 on an example input, so a backbone whose forward does more than chain its modules fails at once, by name.
 """
 import copy
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -37,6 +37,15 @@ class _StagedModule(nn.Module):
         return _unstaged, (type(self).__bases__[-1], self.__dict__)
 
 
+class _StagedBackbone(_StagedModule):
+    """The staged backbone itself: its ``forward`` is the backbone's (head of the features), through the stages,
+    so TorchScript compiles this one and not the backbone's own, which may not script."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats: List[torch.Tensor] = []
+        return self.forward_head(self.forward_stages(x, feats))
+
+
 class _StagedSequential(nn.Sequential):
     """Mixed into a copy of a Sequential: runs every child, keeping the outputs at ``stage_taps``."""
     stage_taps: List[int]
@@ -62,18 +71,20 @@ def _unstaged(cls: type, state: Dict[str, Any]) -> nn.Module:
     return module
 
 
-_CLASSES: Dict[type, type] = {}
+_CLASSES: Dict[Tuple[type, bool], type] = {}
 
 
-def _staged_copy(module: nn.Module, body: List[str], taps: List[str], groups: Dict[str, nn.Module]) -> nn.Module:
+def _staged_copy(module: nn.Module, body: List[str], taps: List[str], groups: Dict[str, nn.Module],
+                 top: bool = False) -> nn.Module:
     cls = type(module)
     sequential = isinstance(module, nn.Sequential)
-    if cls not in _CLASSES:
-        bases = (_StagedSequential, cls) if sequential else (_StagedModule, nn.ModuleDict, cls)
-        _CLASSES[cls] = type(f'Staged{cls.__name__}', bases, {'__module__': __name__})
+    if (cls, top) not in _CLASSES:
+        mixin = _StagedBackbone if top else _StagedModule
+        bases = (_StagedSequential, cls) if sequential else (mixin, nn.ModuleDict, cls)
+        _CLASSES[cls, top] = type(f'Staged{cls.__name__}', bases, {'__module__': __name__})
     staged = module_copy(module)
     staged._modules.update(groups)
-    staged.__class__ = _CLASSES[cls]
+    staged.__class__ = _CLASSES[cls, top]
     names = list(module._modules)
     if sequential:
         staged.stage_taps = [names.index(t) for t in taps]
@@ -105,13 +116,17 @@ def staged_backbone(backbone: nn.Module, example: torch.Tensor, name: str) -> nn
         own = [k for k in module._modules if f'{prefix}{k}' in taps]
         if isinstance(module, nn.Sequential) and called != list(module._modules):
             raise _not_a_chain(name, f'{prefix}* runs {len(called)} of its {len(module)} modules')
-        return _staged_copy(module, called, own, groups)
+        return _staged_copy(module, called, own, groups, top=not prefix)
 
     try:
         staged = stage(backbone, '')
         final, feats = backbone.forward_intermediates(example)
         got: List[torch.Tensor] = []
-        got_final = staged.forward_stages(example, got)
+        try:
+            got_final = staged.forward_stages(example, got)
+        except Exception as e:  # e.g. a residual block with a stage map inside: its modules do not chain
+            raise _not_a_chain(name, f'running its modules in order fails: {type(e).__name__}: '
+                                     f'{str(e).splitlines()[0] if str(e) else ""}') from e
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -8,7 +8,7 @@ the output of every ``feature_info`` module to ``feats``. The copy is checked ag
 on an example input, so a backbone whose forward does more than chain its modules fails at once, by name.
 """
 import copy
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -95,16 +95,18 @@ def _staged_copy(module: nn.Module, body: List[str], taps: List[str], groups: Di
 
 
 @torch.no_grad()
-def staged_backbone(backbone: nn.Module, example: torch.Tensor, name: str) -> nn.Module:
+def staged_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name: str) -> nn.Module:
     """A copy of the timm ``backbone`` with a scriptable ``forward_stages(x, feats) -> final``; ``feats`` gets
-    the maps ``forward_intermediates`` gives. ``example`` (B, C, H, W) is an input the backbone runs on."""
+    the maps ``forward_intermediates`` gives. ``examples``: inputs (B, C, H, W) to check that on; the first must
+    run, a later one the backbone cannot take (another size) is skipped. Checking at two sizes catches a forward
+    whose logic between modules depends on the input size (padding, say)."""
     taps = [info['module'] for info in backbone.feature_info]
     order: List[str] = []
     hooks = [m.register_forward_pre_hook(lambda m, i, n=n: order.append(n)) for n, m in backbone.named_modules() if n]
     modes = {m: m.training for m in backbone.modules()}
     backbone.eval()
     try:
-        backbone.forward_features(example)
+        backbone.forward_features(examples[0])
     finally:
         for h in hooks:
             h.remove()
@@ -120,19 +122,26 @@ def staged_backbone(backbone: nn.Module, example: torch.Tensor, name: str) -> nn
 
     try:
         staged = stage(backbone, '')
-        final, feats = backbone.forward_intermediates(example)
-        got: List[torch.Tensor] = []
-        try:
-            got_final = staged.forward_stages(example, got)
-        except Exception as e:  # e.g. a residual block with a stage map inside: its modules do not chain
-            raise _not_a_chain(name, f'running its modules in order fails: {type(e).__name__}: '
-                                     f'{str(e).splitlines()[0] if str(e) else ""}') from e
+        for i, example in enumerate(examples):
+            try:
+                final, feats = backbone.forward_intermediates(example)
+            except Exception:
+                if i == 0:
+                    raise
+                continue  # the backbone does not take this size: nothing to match there
+            got: List[torch.Tensor] = []
+            try:
+                got_final = staged.forward_stages(example, got)
+            except Exception as e:  # e.g. a residual block with a stage map inside: its modules do not chain
+                raise _not_a_chain(name, f'running its modules in order fails: {type(e).__name__}: '
+                                         f'{str(e).splitlines()[0] if str(e) else ""}') from e
+            if len(got) != len(feats) or not torch.equal(got_final, final) or \
+                    not all(torch.equal(a, b) for a, b in zip(got, feats)):
+                raise _not_a_chain(name, f'chaining its modules does not give forward_intermediates\' maps at '
+                                         f'{tuple(example.shape[-2:])} px')
     finally:
         for m, mode in modes.items():
             m.training = mode
-    if len(got) != len(feats) or not torch.equal(got_final, final) or \
-            not all(torch.equal(a, b) for a, b in zip(got, feats)):
-        raise _not_a_chain(name, 'chaining its modules does not give forward_intermediates\' maps')
     return staged
 
 

@@ -417,9 +417,11 @@ class PTLNet(LadderMixin, nn.Module):
         whose backbone runs its stages in TorchScript (timm's ``forward_intermediates`` does not script)."""
         scripted = module_copy(self)
         ref = next(self.backbone.parameters())
-        example = torch.randn(1, self.in_chans, *self.img_size, generator=torch.Generator().manual_seed(0))
-        scripted._modules['backbone'] = staged_backbone(
-            self.backbone, example.to(device=ref.device, dtype=ref.dtype), self.backbone_name)
+        gen = torch.Generator().manual_seed(0)
+        h, w = self.img_size
+        examples = [torch.randn(1, self.in_chans, *size, generator=gen).to(device=ref.device, dtype=ref.dtype)
+                    for size in ((h, w), (h + 17, w + 9))]  # the nominal size and an odd one
+        scripted._modules['backbone'] = staged_backbone(self.backbone, examples, self.backbone_name)
         return scripted
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

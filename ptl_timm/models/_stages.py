@@ -135,6 +135,8 @@ def staged_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name:
             except Exception as e:  # e.g. a residual block with a stage map inside: its modules do not chain
                 raise _not_a_chain(name, f'running its modules in order fails: {type(e).__name__}: '
                                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
+            if not all(isinstance(t, torch.Tensor) for t in (got_final, *got)):
+                raise _not_a_chain(name, 'its modules chain into lists, not maps')
             if len(got) != len(feats) or not torch.equal(got_final, final) or \
                     not all(torch.equal(a, b) for a, b in zip(got, feats)):
                 raise _not_a_chain(name, f'chaining its modules does not give forward_intermediates\' maps at '

@@ -18,19 +18,21 @@ __all__ = ['staged_backbone', 'module_copy']
 
 class _StagedModule(nn.Module):
     """Mixed into a copy of a module (with :class:`~torch.nn.ModuleDict`, for ``items()`` in TorchScript):
-    runs the children named in ``stage_body`` in that order, keeping the outputs of those in ``stage_taps``."""
+    runs the children named in ``stage_body`` in that order (the order ``forward_features`` calls them, which
+    need not be the order they were registered in), keeping the outputs of those in ``stage_taps``."""
     stage_body: List[str]
     stage_taps: List[str]
 
     def forward_stages(self, x: torch.Tensor, feats: List[torch.Tensor]) -> torch.Tensor:
-        for name, module in self.items():
-            if name in self.stage_body:
-                if hasattr(module, 'stage_taps'):  # resolved when scripting: a group with taps inside
-                    x = module.forward_stages(x, feats)
-                else:
-                    x = module(x)
-                if name in self.stage_taps:
-                    feats.append(x)
+        for target in self.stage_body:
+            for name, module in self.items():  # TorchScript reaches a child by a name only in such a loop
+                if name == target:
+                    if hasattr(module, 'stage_taps'):  # resolved when scripting: a group with taps inside
+                        x = module.forward_stages(x, feats)
+                    else:
+                        x = module(x)
+                    if name in self.stage_taps:
+                        feats.append(x)
         return x
 
     def __reduce_ex__(self, protocol: Any) -> Any:

@@ -113,7 +113,8 @@ COMPARISONS = (
     ('ema', 'shared'), ('ema', 'control'), ('camstate', 'shared'), ('camstate', 'control'),
     ('shared_xbm', 'control_xbm'), ('shared_xbm', 'xbm'),
     ('shared_xbm', 'shared'), ('control_xbm', 'control'), ('shared_idmem', 'control_idmem'), ('shared_idmem', 'shared'),
-    ('control_idmem', 'control'), ('idmem', 'plain'), ('shared_idmem', 'xbm'),
+    ('control_idmem', 'control'), ('idmem', 'plain'), ('shared_idmem', 'idmem'),
+    ('shared_idmem', 'xbm'),
 )
 MAIN_VARIANTS = ('imagenet', 'plain', 'control', 'shared', 'carried', 'reset', 'xbm')
 

@@ -111,6 +111,20 @@ def test_benchmark_quick_run_and_report(emoji_root, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and len(out.read_text().splitlines()) == 4  # finished runs are skipped
 
+    # the same runs recorded elsewhere (here: shared's val mAP one point lower) are paired run by run
+    other = tmp_path / 'other.jsonl'
+    moved = [dict(r, val=dict(r['val'], mAP=r['val']['mAP'] - 1.0)) if r['variant'] == 'shared' else r
+             for r in runs]
+    other.write_text(''.join(json.dumps(r) + '\n' for r in moved))
+    paired = subprocess.run([sys.executable, str(script), '--report', '--out', str(out), '--reference', str(other)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert paired.returncode == 0, paired.stderr[-3000:]
+    section = (tmp_path / 'runs.md').read_text().split('### The same runs in `other.jsonl`')[1]
+    rows = {tuple(c.strip() for c in line.split('|')[2:4]): line
+            for line in section.splitlines() if line.startswith('| short |')}
+    assert '| +1.00 |' in rows[('shared', 'val')] and '| +0.00 |' in rows[('shared', 'test')]
+    assert '| +0.00 |' in rows[('control', 'val')]
+
 
 def test_benchmark_refuses_a_seed_count_of_zero(tmp_path):
     """``--seeds 0`` reads as a count and would run nothing: the error names the list form for seed 0 alone."""
@@ -120,3 +134,6 @@ def test_benchmark_refuses_a_seed_count_of_zero(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2 and '--seeds 0,' in done.stderr
     assert not (tmp_path / 'runs.jsonl').exists()
+    missing = subprocess.run([sys.executable, str(script), '--report', '--reference', str(tmp_path / 'nope.jsonl')],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and 'no such results file' in missing.stderr

@@ -108,6 +108,46 @@ def test_unpooled_features():
         assert model(x).shape == (2, 3)
 
 
+@pytest.mark.parametrize('name, kwargs', [
+    ('ptl_resnet18', {}),
+    ('ptl_resnet18', dict(image_cells=True, cell_norm=True)),
+    ('ptl_mobilenetv2_100', {}),  # a conv head after the last stage, pruned with the head
+    ('reid_ptl_resnet18', {}),
+])
+@pytest.mark.parametrize('indices, prune_norm, prune_head', [
+    ([0], False, True), ([4], False, True), ([0, 1, 2, 3, 4], True, True), ([1, 2], False, False)])
+def test_pruned_model_forwards_its_last_kept_map(name, kwargs, indices, prune_norm, prune_head):
+    """As timm's test_prune_intermediate_layers_params_used checks its CNNs: pruned, the kept maps are unchanged
+    and use every parameter (DDP); and as a pruned timm CNN, forward then gives the last kept map, unpooled."""
+    model = _model(name, num_classes=5, **kwargs)
+    x = _image()
+    with torch.no_grad():
+        want = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+    trained = copy.deepcopy(model).train()  # a training forward moves the state and BN statistics
+    take = trained.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+    assert take == indices
+    sum(f.sum() for f in trained.forward_intermediates(x, indices=take, intermediates_only=True)).backward()
+    assert [n for n, p in trained.named_parameters() if p.grad is None] == []
+    pruned = copy.deepcopy(model)
+    pruned.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+    with torch.no_grad():
+        got = pruned.forward_intermediates(x, indices=take, intermediates_only=True)
+        out = pruned(x)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert torch.equal(out, want[-1])
+    assert out.shape[1] == pruned.num_features == model.feature_info[indices[-1]]['num_chs']
+
+
+def test_pruned_without_the_head_keeps_the_classifier():
+    """prune_head=False at the last stage keeps the head: the logits are the unpruned model's."""
+    model = _model(num_classes=5)
+    x = _image()
+    with torch.no_grad():
+        want = model(x)
+        model.prune_intermediate_layers([4], prune_head=False)
+        assert torch.equal(model(x), want)
+
+
 @pytest.mark.parametrize('name', ['ptl_resnet18', 'ptl_mobilenetv2_100'])
 def test_fx_symbolic_trace(name):
     model = _model(name, num_classes=5)

@@ -254,7 +254,7 @@ class PTLNet(LadderMixin, nn.Module):
             pooled = self.backbone.forward_head(self._example(1, self.backbone_features, 2, 2), pre_logits=True)
         finally:
             self.backbone.train(was_training)
-        return pooled.shape[1] + self.cell_widths[-1] * self.cell_pool.feat_mult()
+        return pooled.shape[1] + (self.num_features - self.backbone_features) * self.cell_pool.feat_mult()
 
     # --- latent state -------------------------------------------------------------------------------
     def reset_state(self) -> None:
@@ -374,7 +374,7 @@ class PTLNet(LadderMixin, nn.Module):
         if intermediates_only:
             return intermediates
         if len(outs) == self.num_stages - self.first_cell_stage:
-            final = self._join(final, outs[-1])
+            final = self._join(final, outs)
         return final, intermediates
 
     def prune_intermediate_layers(
@@ -383,21 +383,33 @@ class PTLNet(LadderMixin, nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages (backbone and ladder) after the last of ``indices``, and the head."""
+        """Drop the stages (backbone and ladder) after the last of ``indices``, and the head.
+
+        As timm's CNNs: where the features now end early (a stage dropped, or the backbone's head-side layers
+        such as a conv head pruned with the head), ``forward_features`` gives the last kept stage's map, the
+        head is reset to ``(0, '')`` and ``forward`` returns that map unpooled."""
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        prune_end = max_index < self.num_stages - 1
         self.backbone.prune_intermediate_layers(take_indices, prune_norm=prune_norm, prune_head=prune_head)
         self.cells = self.cells[:max(max_index + 1 - self.first_cell_stage, 0)]
         self.fuses = self.fuses[:max_index]
         self.joins = self.joins[:max_index + 1]
         self.num_stages = max_index + 1
-        if prune_head:
-            self.cell_pool = nn.Identity()
+        if prune_head or prune_end or self.backbone.num_features != self.backbone_features:
+            # the head and the norm before it were sized for the last stage's cell and the backbone's final map
+            self.cell_norm = nn.Identity()
+            self.backbone_features = self.backbone.num_features
+            self.num_features = self.backbone_features + (self.cell_widths[max_index] if self.cells else 0)
             self.head_drop = nn.Identity()
-            self.fc = nn.Identity()
+            self.reset_classifier(0, '')
         return take_indices
 
-    def _join(self, final: torch.Tensor, cell_out: torch.Tensor) -> torch.Tensor:
-        return torch.cat([final, match_size(self.cell_norm(cell_out), final)], dim=1)
+    def _join(self, final: torch.Tensor, outs: List[torch.Tensor]) -> torch.Tensor:
+        """The final features: the backbone's final map and the last cell map beside it (none: pruned to the
+        stages before the first cell)."""
+        if len(outs) == 0:
+            return final
+        return torch.cat([final, match_size(self.cell_norm(outs[-1]), final)], dim=1)
 
     def _backbone_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The backbone's final features and stage maps; scripted, through the staged copy of the backbone
@@ -432,7 +444,7 @@ class PTLNet(LadderMixin, nn.Module):
         # them, and their copies of the stage maps would cost a few % of every forward
         if not torch.jit.is_scripting() and self._joins_observed():
             self._stage_maps(feats, outs)
-        return self._join(final, outs[-1])
+        return self._join(final, outs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         backbone_part, cell_part = x.split([self.backbone_features, x.shape[1] - self.backbone_features], dim=1)

@@ -173,11 +173,17 @@ class ReIDNet(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the backbone stages after the last of ``indices`` (and the neck and classifier with ``prune_head``)."""
+        """Drop the backbone stages after the last of ``indices``. With ``prune_head``, or where the backbone's
+        features now end early, the neck and the classifier go too (``num_classes`` 0): ``forward`` then gives
+        the backbone's last kept map, as a pruned timm CNN does."""
+        head_width = self.head_hidden_size
         take_indices = self.backbone.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
-        if prune_head:
+        width = getattr(self.backbone, 'head_hidden_size', None) or self.backbone.num_features
+        if prune_head or width != head_width:
             self.neck = nn.Identity()
+            self.num_classes = 0
             self.classifier = nn.Identity()
+            self.num_features = self.head_hidden_size = width
         return take_indices
 
     def __prepare_scriptable__(self) -> 'ReIDNet':

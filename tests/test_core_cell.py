@@ -187,6 +187,21 @@ def test_bf16_autocast_and_channels_last():
     h.float().sum().backward()
 
 
+@pytest.mark.parametrize('dtype', (torch.bfloat16, torch.float16), ids=('bf16', 'fp16'))
+def test_half_precision_model_at_another_resolution(dtype):
+    """A cell cast to half precision reads and writes its state at any input size (the CPU has no half-precision
+    antialiased resampling), close to float32."""
+    cell = _cell('shared').train()
+    cell.state.copy_(torch.randn_like(cell.state))
+    half = copy.deepcopy(cell).to(dtype)
+    x = torch.randn(2, 3, 6, 10)  # a 3x5 grid: the stored state is shrunk to it, the written one grown back
+    want = cell(x)
+    got = half(x.to(dtype))
+    assert got.dtype == half.state.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(half.state.float(), cell.state, rtol=0.05, atol=0.05)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match='state_mode'):
         BConvCell(3, 4, state_mode='sometimes')

@@ -44,11 +44,13 @@ DEFAULT_STATE_MODE: StateMode = 'shared'
 # timm's and torchvision's tracers alike) as one call each, run on real tensors.
 @torch.fx.wrap
 def _resize(x: torch.Tensor, size: List[int]) -> torch.Tensor:
-    """``x`` (N, C, H, W) resampled bilinearly to ``size`` (antialiased when shrinking); ``x`` if already there."""
+    """``x`` (N, C, H, W) resampled bilinearly to ``size`` (antialiased when shrinking); ``x`` if already there.
+    Computed in float32 (the CPU has no half-precision antialiased kernel), returned in ``x``'s dtype."""
     if x.shape[-2] == size[0] and x.shape[-1] == size[1]:
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=shrink)
+    y = F.interpolate(x.float(), size=size, mode='bilinear', align_corners=False, antialias=shrink)
+    return y.to(x.dtype)
 
 
 @torch.fx.wrap

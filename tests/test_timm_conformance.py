@@ -113,6 +113,7 @@ def test_unpooled_features():
     ('ptl_resnet18', dict(image_cells=True, cell_norm=True)),
     ('ptl_mobilenetv2_100', {}),  # a conv head after the last stage, pruned with the head
     ('reid_ptl_resnet18', {}),
+    ('ptl_mgn_resnet50', dict(reid_output=True)),
 ])
 @pytest.mark.parametrize('indices, prune_norm, prune_head', [
     ([0], False, True), ([4], False, True), ([0, 1, 2, 3, 4], True, True), ([1, 2], False, False)])

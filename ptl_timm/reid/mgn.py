@@ -205,6 +205,7 @@ class MGN(LadderMixin, nn.Module):
         self.classifiers = self._classifiers(num_classes)
         self.feature_info = [dict(info) for info in resnet.feature_info[:4]] + [
             dict(num_chs=self.num_features, reduction=16, module='branch_join')]
+        self.last_stage = len(self.feature_info) - 1  # lowered by prune_intermediate_layers
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)  # the ladder and the head; the trunk was created there
 
@@ -260,6 +261,35 @@ class MGN(LadderMixin, nn.Module):
         if enable:
             raise NotImplementedError('MGN does not support gradient checkpointing.')
 
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop what the ``feature_info`` maps up to the last of ``indices`` do not need: the later trunk layers, and
+        the branches with their cells when that is a trunk map; the head too with ``prune_head`` or then. As timm's
+        CNNs, ``forward`` then gives the last kept map unpooled. ``prune_norm`` is ignored: MGN has no final norm."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        prune_end = max_index < self.last_stage
+        if prune_end:
+            self.branches, self.branch_cells = nn.ModuleList(), nn.ModuleList()
+            self.cells, self.fuses = nn.ModuleList(), nn.ModuleList()  # the ladder feeds the branch cells only
+            self.ptl = False
+            for k, name in enumerate(('layer1', 'layer2', 'layer3'), start=1):
+                if k > max_index:
+                    setattr(self, name, nn.Sequential())
+            if max_index == 0:
+                self.maxpool = nn.Identity()
+            self.last_stage = max_index
+            self.num_features = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reductions = nn.ModuleList()
+            self.reid_output = False  # no ReID head left to give its outputs
+            self.head_hidden_size = self.num_features
+            self.reset_classifier(0, '')
+        return take_indices
+
     def _trunk(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The shared trunk's maps: stem (/2), layer1 (/4), layer2 (/8), layer3[0] (/16)."""
         stem = self.act1(self.bn1(self.conv1(x)))
@@ -294,14 +324,17 @@ class MGN(LadderMixin, nn.Module):
         _check_input(x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         maps = self._trunk(x)
-        if not ((stop_early or intermediates_only) and max_index < len(maps)):
+        if self.last_stage == len(maps) and not ((stop_early or intermediates_only) and max_index < len(maps)):
             maps.append(self.branch_join(self._branch_maps(x, maps)))
         intermediates = [maps[i] for i in take_indices]
-        return intermediates if intermediates_only else (maps[-1], intermediates)
+        return intermediates if intermediates_only else (maps[min(self.last_stage, len(maps) - 1)], intermediates)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_chans)
-        return self.branch_join(self._branch_maps(x, self._trunk(x)))
+        maps = self._trunk(x)
+        if self.last_stage < len(maps):  # pruned to a trunk map
+            return maps[self.last_stage]
+        return self.branch_join(self._branch_maps(x, maps))
 
     def _pool(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Pooled (B, C) features: per branch the global max, then its horizontal stripes top to bottom."""

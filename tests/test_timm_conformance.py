@@ -139,6 +139,16 @@ def test_pruned_model_forwards_its_last_kept_map(name, kwargs, indices, prune_no
     assert out.shape[1] == pruned.num_features == model.feature_info[indices[-1]]['num_chs']
 
 
+@pytest.mark.parametrize('name', ['ptl_resnet18', 'reid_ptl_resnet18'])
+def test_pruned_model_scripts(name):
+    """A pruned model compiles with TorchScript and gives its eager output."""
+    model = _model(name, num_classes=5)
+    model.prune_intermediate_layers([1, 2])
+    x = _image()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+
+
 def test_pruned_without_the_head_keeps_the_classifier():
     """prune_head=False at the last stage keeps the head: the logits are the unpruned model's."""
     model = _model(num_classes=5)

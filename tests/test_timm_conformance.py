@@ -136,7 +136,20 @@ def test_pruned_model_forwards_its_last_kept_map(name, kwargs, indices, prune_no
         out = pruned(x)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert torch.equal(out, want[-1])
-    assert out.shape[1] == pruned.num_features == model.feature_info[indices[-1]]['num_chs']
+    assert out.shape[1] == pruned.num_features == pruned.head_hidden_size == model.feature_info[indices[-1]]['num_chs']
+
+
+def test_pruned_model_keeps_a_pool_its_backbone_cannot_drop():
+    """EfficientViT's head cannot disable its pooling (timm's own pruned model stays pooled): the pruned PTL model
+    gives the last kept map pooled, and head_hidden_size says its width."""
+    model = ptl_timm.create_ptl_model('efficientvit_b0', num_classes=5, img_size=IMG).eval()
+    x = _image()
+    model.prune_intermediate_layers([1, 2])
+    with torch.no_grad():
+        last = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)[-1]
+        assert torch.equal(model.forward_features(x), last)
+        out = model(x)
+    assert out.shape == (2, model.head_hidden_size) == (2, last.shape[1])
 
 
 @pytest.mark.parametrize('name', ['ptl_resnet18', 'reid_ptl_resnet18'])
@@ -283,3 +296,16 @@ def test_torchscript_refuses_a_backbone_that_is_not_a_chain_of_its_modules(monke
                         lambda x: (lambda final, feats: (2 * final, feats))(*intermediates(x)))
     with pytest.raises(ValueError, match='not a chain of its modules.*torch.export or torch.compile'):
         torch.jit.script(model)
+
+
+def test_pruned_backbone_without_one_final_map_fails_clearly():
+    """timm's HRNet pruned to a branch gives every branch's map as its final features: forward says why it cannot
+    join the cells and what to use instead; the stage maps still come out."""
+    model = ptl_timm.create_ptl_model('hrnet_w18_small', num_classes=5, img_size=IMG).eval()
+    model.prune_intermediate_layers([1, 2])
+    x = _image()
+    with torch.no_grad():
+        maps = model.forward_intermediates(x, indices=[1, 2], intermediates_only=True)
+        assert [m.shape[1] for m in maps] == [model.feature_info[k]['num_chs'] for k in (1, 2)]
+        with pytest.raises(ValueError, match=r'not one map.*intermediates_only=True.*features_only=True'):
+            model(x)

@@ -374,6 +374,7 @@ class PTLNet(LadderMixin, nn.Module):
         if intermediates_only:
             return intermediates
         if len(outs) == self.num_stages - self.first_cell_stage:
+            _check_final(final, self.backbone_name)
             final = self._join(final, outs)
         return final, intermediates
 
@@ -387,7 +388,8 @@ class PTLNet(LadderMixin, nn.Module):
 
         As timm's CNNs: where the features now end early (a stage dropped, or the backbone's head-side layers
         such as a conv head pruned with the head), ``forward_features`` gives the last kept stage's map, the
-        head is reset to ``(0, '')`` and ``forward`` returns that map unpooled."""
+        head is reset to ``(0, '')`` and ``forward`` returns that map unpooled (pooled, where the backbone's head
+        cannot drop its pooling)."""
         take_indices, max_index = feature_take_indices(self.num_stages, indices)
         prune_end = max_index < self.num_stages - 1
         self.backbone.prune_intermediate_layers(take_indices, prune_norm=prune_norm, prune_head=prune_head)
@@ -401,7 +403,13 @@ class PTLNet(LadderMixin, nn.Module):
             self.backbone_features = self.backbone.num_features
             self.num_features = self.backbone_features + (self.cell_widths[max_index] if self.cells else 0)
             self.head_drop = nn.Identity()
-            self.reset_classifier(0, '')
+            try:
+                self.backbone.reset_classifier(0, '')
+                pool = ''
+            except AssertionError:  # heads that cannot drop their pooling (EfficientViT, InceptionNeXt) keep it, as
+                pool = None         # the backbone's own prune does
+            self.reset_classifier(0, pool)
+            self.head_hidden_size = self._pooled_width()  # the backbone's pruned head may have changed it
         return take_indices
 
     def _join(self, final: torch.Tensor, outs: List[torch.Tensor]) -> torch.Tensor:
@@ -422,7 +430,9 @@ class PTLNet(LadderMixin, nn.Module):
 
     @torch.jit.unused
     def _backbone_intermediates(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        return self.backbone.forward_intermediates(x)
+        final, feats = self.backbone.forward_intermediates(x)
+        _check_final(final, self.backbone_name)
+        return final, feats
 
     def __prepare_scriptable__(self) -> 'PTLNet':
         """What ``torch.jit.script`` compiles: a copy of this model (the same modules, parameters and buffers)
@@ -466,6 +476,15 @@ def _check_input(x: torch.Tensor, in_chans: int, backbone: str) -> None:
         raise ValueError(
             f'PTLNet({backbone}) expects (B, {in_chans}, H, W) images, got shape {x.shape}. Create the model with '
             f'{fix} or convert the images.')
+
+
+@torch.fx.wrap
+def _check_final(final: Any, backbone: str) -> None:
+    if not isinstance(final, torch.Tensor):  # timm's HRNet pruned to a branch keeps every branch's output
+        raise ValueError(
+            f'PTLNet({backbone}): the pruned backbone gives {_shape(final)} as its final features, not one map, so '
+            'the cells cannot join it. Take the stage maps with forward_intermediates(x, intermediates_only=True) '
+            'or create the model with features_only=True.')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: PTLNet) -> Dict[str, torch.Tensor]:

@@ -202,6 +202,16 @@ def test_half_precision_model_at_another_resolution(dtype):
     torch.testing.assert_close(half.state.float(), cell.state, rtol=0.05, atol=0.05)
 
 
+def test_double_precision_state_is_resampled_in_double():
+    """Only half precision is resampled in float32: a float64 cell reads its state at full precision."""
+    cell = _cell('shared').double().eval()
+    cell.state.copy_(torch.randn_like(cell.state))
+    x = torch.randn(2, 3, 6, 10, dtype=torch.float64)
+    i, f, o, g = _gates(cell, x)
+    prev = F.interpolate(cell.state, size=(3, 5), mode='bilinear', align_corners=False, antialias=True)
+    torch.testing.assert_close(cell(x), o * torch.tanh(f * prev + i * g), rtol=1e-12, atol=1e-12)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match='state_mode'):
         BConvCell(3, 4, state_mode='sometimes')

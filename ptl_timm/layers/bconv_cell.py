@@ -45,11 +45,13 @@ DEFAULT_STATE_MODE: StateMode = 'shared'
 @torch.fx.wrap
 def _resize(x: torch.Tensor, size: List[int]) -> torch.Tensor:
     """``x`` (N, C, H, W) resampled bilinearly to ``size`` (antialiased when shrinking); ``x`` if already there.
-    Computed in float32 (the CPU has no half-precision antialiased kernel), returned in ``x``'s dtype."""
+    Half precision is resampled in float32 (the CPU has no half-precision antialiased kernel), returned in ``x``'s
+    dtype; other dtypes in their own."""
     if x.shape[-2] == size[0] and x.shape[-1] == size[1]:
         return x
     shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    y = F.interpolate(x.float(), size=size, mode='bilinear', align_corners=False, antialias=shrink)
+    half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
+    y = F.interpolate(x.float() if half else x, size=size, mode='bilinear', align_corners=False, antialias=shrink)
     return y.to(x.dtype)
 
 

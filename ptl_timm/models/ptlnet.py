@@ -307,12 +307,12 @@ class PTLNet(LadderMixin, nn.Module):
         return 'fc' if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
         if global_pool is not None:
+            self.backbone.reset_classifier(0, global_pool)  # first: a head that refuses the pool changes nothing
             self.global_pool = global_pool
-            self.backbone.reset_classifier(0, global_pool)
             self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
             self.head_hidden_size = self._pooled_width()
+        self.num_classes = num_classes
         ref = next(self.backbone.parameters())
         self.fc = nn.Linear(self.head_hidden_size, num_classes, device=ref.device, dtype=ref.dtype) \
             if num_classes > 0 else nn.Identity()
@@ -404,12 +404,10 @@ class PTLNet(LadderMixin, nn.Module):
             self.num_features = self.backbone_features + (self.cell_widths[max_index] if self.cells else 0)
             self.head_drop = nn.Identity()
             try:
-                self.backbone.reset_classifier(0, '')
-                pool = ''
+                self.reset_classifier(0, '')
             except AssertionError:  # heads that cannot drop their pooling (EfficientViT, InceptionNeXt) keep it, as
-                pool = None         # the backbone's own prune does
-            self.reset_classifier(0, pool)
-            self.head_hidden_size = self._pooled_width()  # the backbone's pruned head may have changed it
+                self.reset_classifier(0)  # the backbone's own prune does; its pruned head may have a new width
+                self.head_hidden_size = self._pooled_width()
         return take_indices
 
     def _join(self, final: torch.Tensor, outs: List[torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
 import ptl_timm
 from ptl_timm import PTLNet, bconv_cells
+from ptl_timm.hub.io import load_model, save_pretrained
 from ptl_timm.layers import StageFuse
 from ptl_timm.models._helpers import backbone_filter_fn
 
@@ -306,3 +307,29 @@ def test_stage_fuse_is_the_1x1_conv_of_the_concatenation():
     f, c = torch.randn(2, 6, 5, 5), torch.randn(2, 3, 5, 5)
     weight = torch.cat([fuse.feat_conv.weight, fuse.cell_conv.weight], dim=1)
     torch.testing.assert_close(fuse(f, c), fuse.bn(torch.nn.functional.conv2d(torch.cat([f, c], 1), weight)))
+
+
+def test_cells_removed_is_the_ptl_model_with_zero_cell_maps(tmp_path):
+    """The control: same init and parameters as the PTL model; outputs and gradients those of the PTL model whose
+    last cell gives zeros (the only way the ladder reaches the output); the ladder neither runs nor writes."""
+    x = torch.randn(4, 3, SIZE, SIZE)
+    runs = []
+    for removed in (False, True):
+        model = _small(cells_removed=removed)
+        if not removed:
+            model.cells[-1].register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        model(x).square().sum().backward()
+        runs.append(model)
+    hooked, control = runs
+    assert all(torch.equal(p, q) for p, q in zip(hooked.parameters(), control.parameters()))  # the same init
+    for (name, p), q in zip(hooked.named_parameters(), control.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert p.grad is None or torch.equal(p.grad, q.grad), name
+    assert all(not c.state.any() for c in bconv_cells(control))  # the ladder never ran
+    control.eval()
+    feats = control.forward_intermediates(x, intermediates_only=True)
+    assert all(not f[:, -w:].any() for f, w in zip(feats[1:], control.cell_widths[1:]))
+    assert torch.equal(torch.jit.script(control)(x), control(x))
+    save_pretrained(control, tmp_path / 'control')
+    reloaded = load_model(f'local-dir:{tmp_path / "control"}').eval()
+    assert reloaded.cells_removed and torch.equal(reloaded(x), control(x))

@@ -52,6 +52,8 @@ def ptl_model_args(model: PTLNet) -> Dict[str, Any]:
     if model.state_mode == 'carried':
         args['state_slots'] = cell.state.shape[0]
     args['image_cells'] = bool(model.image_cells)
+    if model.cells_removed:
+        args['cells_removed'] = True
     return args
 
 

@@ -54,7 +54,7 @@ def model_card(
         f'| classes | {config.get("num_classes")} |',
     ]
     for key in ('cell_widths', 'state_mode', 'state_slots', 'img_size', 'kernel_size', 'in_chans', 'global_pool',
-                'cell_norm'):
+                'cell_norm', 'cells_removed'):
         if key in args:
             lines.append(f'| {key} | `{_fmt(args[key])}` |')
     for key in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation'):

@@ -120,6 +120,9 @@ class PTLNet(LadderMixin, nn.Module):
         cell_widths: explicit branch width w_k of every backbone stage (overrides ``width_mult``).
         image_cells: start the ladder with cells on the image as the paper did, instead of on f_0.
         cell_norm: batch-normalise the last cell's map before it joins the backbone's final features.
+        cells_removed: the control of every benchmark: the same model (parameters, head, initialisation,
+            ``state_dict``) whose cell maps are replaced by zeros; the ladder does not run, so only the cells
+            separate it from the PTL model (docs/benchmarks.md, "The question and the baselines").
         state_mode: latent state rule of every cell, see :class:`BConvCell`.
         state_slots: slots of the ``'carried'`` state.
         img_size: nominal input size; the cells store their state at the grid it gives
@@ -146,6 +149,7 @@ class PTLNet(LadderMixin, nn.Module):
             kernel_size: int = 3,
             image_cells: bool = False,
             cell_norm: bool = False,
+            cells_removed: bool = False,
             device: Optional[Union[str, torch.device]] = None,
             dtype: Optional[torch.dtype] = None,
             **backbone_kwargs: Any,
@@ -168,6 +172,7 @@ class PTLNet(LadderMixin, nn.Module):
         stage_chs = [info['num_chs'] for info in stage_info]
         reductions = [info['reduction'] for info in stage_info]
         self.image_cells = image_cells
+        self.cells_removed = cells_removed
         self.first_cell_stage = first = 0 if image_cells else 1
         if len(stage_chs) < 2:
             raise ValueError(f'{backbone} reports {len(stage_chs)} stage(s); PTL needs at least two.')
@@ -322,12 +327,22 @@ class PTLNet(LadderMixin, nn.Module):
         """Cell output c_k (B, w_k, H_k, W_k) of every stage from ``first_cell_stage`` on, given the stage
         features; fewer features (stop_early) stop the ladder early."""
         first = self.first_cell_stage
+        if self.cells_removed:
+            return self._removed_cells(feats)
         h = x
         if first > 0:
             for j, fuse in enumerate(self.fuses):  # fuses[0], the branch's entry (TorchScript: no ModuleList[int])
                 if j == 0:
                     h = fuse(feats[0])
         outs, _ = self.run_ladder(h, feats[first:], fuse_offset=first)
+        return outs
+
+    def _removed_cells(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Zeros in place of the cell maps c_k (B, w_k, H_k, W_k), at the grid of the stage features."""
+        outs: List[torch.Tensor] = []
+        for k, feat in enumerate(feats):
+            if k >= self.first_cell_stage:
+                outs.append(feat.new_zeros(feat.shape[0], self.cell_widths[k], feat.shape[-2], feat.shape[-1]))
         return outs
 
     @torch.jit.unused

@@ -72,3 +72,84 @@ def test_every_registered_model_has_a_docstring_and_lives_in_a_model_file():
         entry = model_entrypoint(name)
         assert entry.__module__.startswith('ptl_timm.') and (entry.__doc__ or '').strip(), name
     assert ptl_timm.PTL_BACKBONES == tuple(n[len('ptl_'):] for n in timm.list_models(module='ptlnet'))
+
+
+# --- benchmarks use the public API only ------------------------------------------------------------------
+BENCHMARKS = Path(__file__).resolve().parents[1] / 'benchmarks'
+
+
+def _package_names() -> tuple:
+    """(private names defined anywhere in ptl_timm: module-level, class attributes, methods and ``self._x``;
+    the method names of ptl_timm's classes, properties aside)."""
+    private, methods = set(), set()
+    for path in PACKAGE.rglob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                private.add(node.name)
+            if isinstance(node, ast.ClassDef):
+                methods.update(n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                               and not any('property' in ast.unparse(d) for d in n.decorator_list))
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                private.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                private.add(node.attr)
+    is_private = lambda n: n.startswith('_') and not (n.startswith('__') and n.endswith('__'))  # noqa: E731
+    return {n for n in private if is_private(n)}, {n for n in methods if not n.startswith('__')}
+
+
+def _benchmark_violations(path: Path, private: Set[str], methods: Set[str]):
+    """(line, what) for each private ptl_timm name ``path`` imports or reads, and each ptl_timm method it
+    assigns (patching)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split('.')
+                if parts[0] == 'ptl_timm' and any(p.startswith('_') for p in parts):
+                    yield node.lineno, f'imports the private module {alias.name}'
+        elif isinstance(node, ast.ImportFrom) and (node.module or '').split('.')[0] == 'ptl_timm':
+            if any(p.startswith('_') for p in node.module.split('.')):
+                yield node.lineno, f'imports from the private module {node.module}'
+            for alias in node.names:
+                if alias.name.startswith('_'):
+                    yield node.lineno, f'imports the private name {alias.name} from {node.module}'
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                if (isinstance(target, ast.Attribute) and target.attr in methods
+                        and not (isinstance(target.value, ast.Name) and target.value.id == 'self')):
+                    yield node.lineno, f'patches the method {target.attr} of a ptl_timm class'
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and node.attr in private:
+            yield node.lineno, f'uses the private ptl_timm name {node.attr}'
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ('setattr', 'getattr')
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+            name = node.args[1].value
+            if node.func.id == 'setattr' and name in methods:
+                yield node.lineno, f'patches the method {name} of a ptl_timm class (setattr)'
+            elif name in private:
+                yield node.lineno, f'uses the private ptl_timm name {name} (getattr)'
+
+
+def test_benchmarks_use_public_names_of_ptl_timm_only():
+    """A benchmark that imports a private name of ptl_timm, or replaces a method of one of its classes, measures
+    something the package does not define: a refactor of the package could change it with no test failing."""
+    private, methods = _package_names()
+    found = [f'{path.relative_to(BENCHMARKS.parent)}:{line}: {what}' for path in sorted(BENCHMARKS.rglob('*.py'))
+             for line, what in _benchmark_violations(path, private, methods)]
+    assert not found, ('benchmarks must use the public API of ptl_timm only. Fix: measure a documented option of the '
+                       'package (add one, with its test, if a variant needs it) or a public function:\n'
+                       + '\n'.join(found))
+
+
+def test_the_benchmark_check_sees_private_imports_and_patches(tmp_path):
+    script = tmp_path / 'bench.py'
+    script.write_text('import types\n'
+                      'from ptl_timm.layers.bconv_cell import _resize\n'
+                      'from ptl_timm.models._helpers import fit_checkpoint\n'
+                      'from ptl_timm import BConvCell, PTLNet\n'
+                      'def f(cell, model, x):\n'
+                      '    cell.forward = types.MethodType(print, cell)\n'
+                      '    setattr(cell, "reset_state", print)\n'
+                      '    return model._ladder(x), BConvCell.state_mode, PTLNet.forward_head\n')
+    found = [line for line, _ in _benchmark_violations(script, *_package_names())]
+    assert sorted(found) == [2, 3, 6, 7, 8]

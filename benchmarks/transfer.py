@@ -2,7 +2,7 @@
 
 Every run fine-tunes ImageNet weights (offline, from pip packages, loaded through timm's pretrained
 path) on a few labelled images per class and scores a fixed held-out test set and a separate validation
-set (``ptl_timm.offline.datasets.few_shot_split``). Variants, all with the same data order, augmentation and schedule:
+set (``ptl_timm.data.offline.few_shot_split``). Variants, all with the same data order, augmentation and schedule:
 
 - ``plain``: ``timm.create_model(arch, pretrained=True, num_classes=N)``, timm's own head.
 - ``control``: the PTL model (same head, init, optimiser groups, schedule) with the cells' output replaced by
@@ -53,7 +53,7 @@ DEFAULT_SETTING = (DEFAULT_WIDTH, DEFAULT_LR_MULT, DEFAULT_CELL_NORM)  # (width,
 # --- data -------------------------------------------------------------------------------------------
 def load_task(task: str) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Images (N, H, W) grey or (N, H, W, 3) RGB uint8, labels (N,), and the official test pool (or None)."""
-    from ptl_timm.offline import datasets as data
+    from ptl_timm.data import offline as data
 
     if task == 'animal':
         x, y = data.load_animal_mnist()
@@ -141,7 +141,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
 def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.Parameter]]] = None) -> Dict[str, Any]:
     """Fine-tune once and return ``run`` with val / test accuracy and timing. ``modify`` (prototypes in
     benchmarks/prototypes/) changes the freshly built PTL model and returns the new parameters to train."""
-    from ptl_timm.offline.datasets import few_shot_split, to_model_input
+    from ptl_timm.data.offline import few_shot_split, to_model_input
 
     torch.set_num_threads(run.get('threads', 1))
     t0 = time.time()

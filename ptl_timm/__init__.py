@@ -6,8 +6,10 @@ registry. Map of the package (docs/development.md has more):
 - ``layers``: the BConv-Cell and its latent state; the ladder of cells beside a backbone.
 - ``models``: PTLNet and the ``ptl_*`` entry points (the registry).
 - ``hub``: the weights manifest, checkpoints, Hub I/O, model cards.
-- ``reid``: MGN / MGN_PTL, BNNeck models, losses, data readers, retrieval metrics, feature extraction.
-- ``offline``: real images and ImageNet weights that install from package registries.
+- ``reid``: MGN / MGN_PTL, BNNeck models, losses, retrieval metrics, feature extraction.
+- ``data``: datasets, one module per kind: images that install from package registries (``offline``), ReID
+  folder readers and the P x K sampler (``reid``).
+- ``offline``: real ImageNet weights that install from package registries.
 - ``deploy``: ONNX / torch.export / TorchScript; ``launch``: timm's scripts with the models registered;
   ``cli``: the ``ptl-timm`` command line.
 """

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from timm.utils import CheckpointSaver, ModelEmaV3
 
-from ptl_timm.offline.datasets import load_animal_mnist, to_model_input
+from ptl_timm.data.offline import load_animal_mnist, to_model_input
 
 
 def repo_on_pythonpath(env: Dict[str, str]) -> Dict[str, str]:

@@ -11,8 +11,8 @@ from helpers import animal_batch
 from PIL import Image
 
 import ptl_timm
+from ptl_timm.data.offline import load_animal_mnist
 from ptl_timm.hub.io import save_pretrained
-from ptl_timm.offline.datasets import load_animal_mnist
 
 LABELS = ['cat', 'dog', 'fish']
 

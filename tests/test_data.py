@@ -4,7 +4,7 @@ import gzip
 import numpy as np
 import pytest
 
-from ptl_timm.offline import datasets as data
+from ptl_timm.data import offline as data
 
 
 def _has_fashion() -> bool:

@@ -9,7 +9,7 @@ import pytest
 from helpers import repo_on_pythonpath
 from PIL import Image
 
-from ptl_timm.offline import datasets as data
+from ptl_timm.data import offline as data
 
 VENDORS = data.EMOJI_VENDORS
 TONES = ('1f3fb', '1f3fc', '1f3fd', '1f3fe', '1f3ff')

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import ptl_timm  # noqa: F401  (registers ptl_* models)
-from ptl_timm.offline.datasets import package_file
+from ptl_timm.data.offline import package_file
 from ptl_timm.offline.weights import OFFLINE_WEIGHTS, convert_by_position, create_offline_model, offline_weights_file
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ptl_timm.cli import main as cli_main
-from ptl_timm.offline.datasets import load_animal_mnist
+from ptl_timm.data.offline import load_animal_mnist
 from ptl_timm.reid import (
     FeatureExtractor,
     PKBatchSampler,

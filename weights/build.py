@@ -32,11 +32,11 @@ import torch.nn.functional as F
 from timm.utils import CheckpointSaver
 
 import ptl_timm  # noqa: F401  registers the ptl_* models
+from ptl_timm.data.offline import few_shot_split, load_animal_mnist, to_model_input
 from ptl_timm.hub.checkpoint import file_sha256
 from ptl_timm.hub.io import save_pretrained
 from ptl_timm.hub.manifest import REPO_MANIFEST_PATH, WEIGHTS_NAME, load_manifest
 from ptl_timm.hub.model_card import replace_manifest_table, write_zoo
-from ptl_timm.offline.datasets import few_shot_split, load_animal_mnist, to_model_input
 from ptl_timm.offline.weights import create_offline_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

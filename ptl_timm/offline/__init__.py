@@ -1,1 +1,2 @@
-"""Offline assets: real images and real ImageNet weights that install from package registries (docs/offline.md)."""
+"""Real ImageNet weights that install from package registries (docs/offline.md); the images are in
+``ptl_timm.data.offline``."""

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .datasets import default_cache_dir, package_file
+from ..data.offline import default_cache_dir, package_file
 
 __all__ = ['OfflineWeights', 'OFFLINE_WEIGHTS', 'offline_weights_file', 'convert_by_position', 'create_offline_model']
 

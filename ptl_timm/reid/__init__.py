@@ -2,8 +2,7 @@
 
 Importing it registers ``mgn_resnet50``, ``ptl_mgn_resnet50`` and the ``reid_*`` models in timm.
 """
-from .bnneck import ReIDNet, create_reid_model
-from .datasets import (
+from ..data.reid import (
     PKBatchSampler,
     ReIDDataset,
     ReIDSample,
@@ -14,6 +13,7 @@ from .datasets import (
     read_msmt17,
     read_reid_folder,
 )
+from .bnneck import ReIDNet, create_reid_model
 from .distance import pairwise_distance
 from .extract import FeatureExtractor
 from .losses import ReIDLoss, ReIDOutput, TripletLoss, batch_hard_triplet_loss

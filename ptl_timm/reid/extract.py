@@ -20,8 +20,8 @@ from timm.layers import to_2tuple
 from torch import nn
 from torchvision.transforms import v2 as T
 
+from ..data.reid import IMAGE_EXTENSIONS
 from ..hub.checkpoint import read_checkpoint
-from .datasets import IMAGE_EXTENSIONS
 
 __all__ = ['FeatureExtractor', 'embed', 'flip_embed', 'list_images', 'load_weights']
 

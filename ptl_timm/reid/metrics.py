@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .datasets import JUNK_PID
+from ..data.reid import JUNK_PID
 from .distance import ArrayLike, Metric, as_features, as_labels, as_tensor, default_chunk_size, distance_block, prepare
 from .rerank import re_ranking_blocks
 

@@ -7,8 +7,6 @@
     deploy CHECKPOINT FILE               a checkpoint to ONNX (.onnx), torch.export (.pt2) or TorchScript (.pt)
     run SCRIPT [ARGS...]                 timm's train.py / validate.py / inference.py with the models registered
     extract FOLDER OUT.npy --model M     embed every image of a folder with a ReID model
-    manifest-table [--update MD...]      the docs' table of weights/manifest.json
-    zoo [--check]                        render weights/<name>/config.json and README.md from the manifest
 
 The same flags mean the same everywhere: ``--model`` (a model name), ``--ema`` (the EMA weights of a train.py
 checkpoint), ``--model-kwargs K=V ...`` (model arguments, read as train.py reads its ``--model-kwargs``) and
@@ -31,7 +29,6 @@ from .deploy import EXPORT_FORMATS, deploy_checkpoint
 from .hub import HubError
 from .hub.io import export_checkpoint, load_model, push_folder
 from .hub.manifest import load_manifest
-from .hub.model_card import manifest_table, replace_manifest_table, write_zoo
 from .launch import SCRIPT_NAMES, SCRIPTS_ENV, resolve_script, run_script
 from .layers import bconv_cells
 from .models import PTLNet
@@ -214,24 +211,6 @@ def cmd_extract(args: argparse.Namespace) -> None:
     print(f'{len(files)} images -> {args.output} {feats.shape}, paths in {args.output.with_suffix(".txt")}')
 
 
-def cmd_manifest_table(args: argparse.Namespace) -> None:
-    table = manifest_table(args.manifest)
-    if not args.update:
-        sys.stdout.write(table)
-        return
-    for path in args.update:
-        replace_manifest_table(path, table)
-        print(f'Updated the table in {path}.')
-
-
-def cmd_zoo(args: argparse.Namespace) -> None:
-    stale = write_zoo(args.manifest, check=args.check)
-    if args.check and stale:
-        raise ValueError(f'Out of date with the manifest: {", ".join(map(str, stale))}. Run: ptl-timm zoo')
-    print(f'{"Checked" if args.check else "Wrote"} the model cards of {len(load_manifest(args.manifest))} '
-          f'manifest entries' + (f' ({len(stale)} updated)' if stale and not args.check else '') + '.')
-
-
 # --- parser -----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='ptl-timm', description='Progressive Transfer Learning models for timm.')
@@ -297,16 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--normalize', action='store_true', help='L2-normalise the embeddings')
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser('manifest-table', help="print the docs' table of weights/manifest.json")
-    p.add_argument('--manifest', type=Path, help='manifest path (default: weights/manifest.json)')
-    p.add_argument('--update', type=Path, nargs='+', metavar='MARKDOWN',
-                   help='replace the table between <!-- manifest-table --> markers in these files')
-    p.set_defaults(func=cmd_manifest_table)
-
-    p = sub.add_parser('zoo', help='render weights/<name>/config.json and README.md from the manifest')
-    p.add_argument('--manifest', type=Path, help='manifest path (default: weights/manifest.json)')
-    p.add_argument('--check', action='store_true', help='only check that the files are up to date')
-    p.set_defaults(func=cmd_zoo)
     return parser
 
 

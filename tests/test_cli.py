@@ -17,7 +17,6 @@ from ptl_timm import cli
 from ptl_timm.hub.checkpoint import file_sha256
 from ptl_timm.hub.io import export_checkpoint
 from ptl_timm.hub.manifest import load_manifest
-from ptl_timm.hub.model_card import manifest_table
 
 SIZE = 32
 
@@ -135,17 +134,6 @@ def test_errors_are_one_line_with_exit_status_2(checkpoint, export_folder, offli
         monkeypatch.delenv(var, raising=False)
     status, err = in_process(capsys, 'push', export_folder, 'someone/x')
     assert status == 2 and 'not logged in' in err and 'HF_TOKEN' in err
-
-
-def test_manifest_table_and_zoo_check(capsys, tmp_path):
-    assert cli.main(['manifest-table']) == 0
-    assert capsys.readouterr().out == manifest_table()
-    assert cli.main(['zoo', '--check']) == 0
-    doc = tmp_path / 'doc.md'
-    doc.write_text('before\n<!-- manifest-table -->\nold table\n<!-- /manifest-table -->\nafter\n')
-    assert cli.main(['manifest-table', '--update', str(doc)]) == 0
-    table = f'<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->'
-    assert doc.read_text() == f'before\n{table}\nafter\n'
 
 
 def test_one_meaning_per_flag_across_commands():

@@ -1,6 +1,7 @@
 """Hub I/O: export a fine-tuned PTL model, load it back from a real-layout Hub cache (offline), by registered
 tag, ``hf-hub:`` and ``local-dir:``, bit-exactly; the errors users meet; the weights manifest and its cards."""
 import hashlib
+import importlib.util
 import json
 import logging
 import re
@@ -311,7 +312,7 @@ def test_zoo_folders_cards_and_readme_table_are_generated_from_the_manifest():
     on_disk = {p.name for p in (REPO_ROOT / 'weights').iterdir() if p.is_dir() and not p.name.startswith(('.', '_'))}
     assert on_disk == folders, 'weights/ folders without a manifest entry (or the reverse)'
     for path, text in files.items():
-        assert path.read_text() == text, f'{path} is stale: run python -m ptl_timm zoo'
+        assert path.read_text() == text, f'{path} is stale: run python weights/zoo.py'
     for name, entry in load_manifest().items():
         card = files[REPO_ROOT / 'weights' / name / 'README.md']
         for needle in (entry['status'], entry['command'], entry['data']['licence'],
@@ -319,7 +320,7 @@ def test_zoo_folders_cards_and_readme_table_are_generated_from_the_manifest():
             assert needle in card
     hub_doc = (REPO_ROOT / 'docs' / 'hub.md').read_text()
     assert f'<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->' in hub_doc, \
-        'docs/hub.md table is stale: ptl-timm manifest-table --update docs/hub.md'
+        'docs/hub.md table is stale: run python weights/zoo.py'
 
 
 def test_manifest_validation_rejects_bad_entries(tmp_path):
@@ -336,3 +337,27 @@ def test_manifest_validation_rejects_bad_entries(tmp_path):
         path.write_text(json.dumps(dict(good, checkpoints=[bad])))
         with pytest.raises(ValueError, match=match):
             load_manifest(path)
+
+
+def _zoo_script():
+    spec = importlib.util.spec_from_file_location('weights_zoo', REPO_ROOT / 'weights' / 'zoo.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_maintainer_zoo_script_checks_renders_and_prints_the_table(tmp_path, capsys):
+    zoo = _zoo_script()
+    assert zoo.main(['--check']) == 0 and 'up to date' in capsys.readouterr().out
+    assert zoo.main(['--table']) == 0 and capsys.readouterr().out == manifest_table()
+    doc = tmp_path / 'doc.md'
+    doc.write_text('before\n<!-- manifest-table -->\nold table\n<!-- /manifest-table -->\nafter\n')
+    assert zoo.main(['--check', '--docs', str(doc)]) == 1 and str(doc) in capsys.readouterr().err
+    # a copy of the manifest in tmp_path: its cards are written there, never into the repository
+    manifest = tmp_path / 'weights' / 'manifest.json'
+    manifest.parent.mkdir()
+    manifest.write_text(MANIFEST_PATH.read_text())
+    assert zoo.main(['--manifest', str(manifest), '--docs', str(doc)]) == 0
+    assert doc.read_text() == f'before\n<!-- manifest-table -->\n{manifest_table()}<!-- /manifest-table -->\nafter\n'
+    assert {p.name for p in (tmp_path / 'weights').rglob('*') if p.is_file()} >= {'config.json', 'README.md'}
+    assert zoo.main(['--check', '--manifest', str(manifest), '--docs', str(doc)]) == 0

@@ -5,9 +5,9 @@ path) on a few labelled images per class and scores a fixed held-out test set an
 set (``ptl_timm.data.offline.few_shot_split``). Variants, all with the same data order, augmentation and schedule:
 
 - ``plain``: ``timm.create_model(arch, pretrained=True, num_classes=N)``, timm's own head.
-- ``control``: the PTL model (same head, init, optimiser groups, schedule) with the cells' output replaced by
-  zeros before the head, so the cells contribute nothing (docs/benchmarks.md: a new head alone moves
-  accuracy by many points).
+- ``control``: the PTL model built with ``cells_removed=True`` (same parameters, head, init, optimiser groups,
+  schedule; zero cell maps, the ladder does not run), so the cells contribute nothing (docs/benchmarks.md: a new
+  head alone moves accuracy by many points).
 - ``shared`` / ``carried`` / ``reset``: the PTL model with that ``state_mode``.
 
 Ablations (``--ablate``): cell ``width_mult`` and the learning-rate multiplier of the non-backbone
@@ -16,12 +16,14 @@ parameters; ``--ablate-cell-norm``: the other ``cell_norm`` head. Defaults are c
 the latent state replaced by zeros: what the cells contribute at inference; and measures how much the pooled
 backbone and cell features (and their shares of the logits) vary across test images, before and after training.
 
-Results go to benchmarks/results/transfer.json (one record per run, written as runs finish; a rerun skips
-finished runs), transfer.md and transfer.png. Examples::
+Runs go to a results store of the benchmark core (``benchmarks/common.py``): ``--out`` (default
+benchmarks/results/transfer_default.jsonl), one record per run appended as it finishes, so a rerun skips finished
+runs and ``--shard i/n`` lets processes share a grid; the report (``.md``) and plot (``.png``) beside it are
+made from the records alone. ``--quick`` writes to the git-ignored benchmarks/results/quick/. Examples::
 
     python benchmarks/transfer.py --quick
     python benchmarks/transfer.py --models mobilenetv2_100 --tasks animal --shots 10 --seeds 5
-    python benchmarks/transfer.py --report      # tables and plot from the JSON only
+    python benchmarks/transfer.py --report      # tables and plot from the records only
 """
 import argparse
 import itertools
@@ -30,7 +32,7 @@ import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -39,7 +41,19 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a frozen copy may win
-from common import RESULTS_DIR, core_hash, environment, mean_of_means_ci95, t_ci95, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Store,
+    bar_plot,
+    core_hash,
+    fmt_avg,
+    fmt_ci,
+    fmt_mean_std,
+    results_path,
+    run_key,
+    shard,
+    stamp,
+    write_report,
+)
 
 VARIANTS = ('plain', 'control', 'shared', 'carried', 'reset')
 PTL_VARIANTS = ('shared', 'carried', 'reset')
@@ -48,6 +62,7 @@ DEFAULT_WIDTH = 0.125
 DEFAULT_LR_MULT = 1.0
 DEFAULT_CELL_NORM = False
 DEFAULT_SETTING = (DEFAULT_WIDTH, DEFAULT_LR_MULT, DEFAULT_CELL_NORM)  # (width, lr_mult, cell_norm)
+GAIN_PAIRS = (('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'plain'))
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -83,23 +98,6 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int) -> torch.Tensor:
 
 
 # --- models ------------------------------------------------------------------------------------------
-class CellsRemoved(nn.Module):
-    """The control: a PTL model whose cell features are replaced by zeros before its head.
-
-    Same parameters, head, initialisation and optimiser groups as the PTL model; the ladder is skipped
-    (it cannot reach the output), so its parameters only see weight decay.
-    """
-
-    def __init__(self, ptl: nn.Module):
-        super().__init__()
-        self.ptl = ptl
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        final = self.ptl.backbone.forward_features(x)
-        zeros = final.new_zeros(final.shape[0], self.ptl.cell_widths[-1], *final.shape[-2:])
-        return self.ptl.forward_head(torch.cat([final, zeros], dim=1))
-
-
 def build(run: Dict[str, Any], num_classes: int) -> Tuple[nn.Module, List[Dict[str, Any]]]:
     """The model of ``run`` and its two parameter groups: backbone, and new layers (cells, fuses, head)."""
     import ptl_timm  # noqa: F401  (registers ptl_* models)
@@ -113,12 +111,11 @@ def build(run: Dict[str, Any], num_classes: int) -> Tuple[nn.Module, List[Dict[s
         params = [p for _, p in model.named_parameters()]
     else:
         state_mode = run['variant'] if run['variant'] in PTL_VARIANTS else 'shared'
-        ptl = create_offline_model(
+        model = create_offline_model(
             f'ptl_{run["model"]}', num_classes=num_classes, state_mode=state_mode, width_mult=run['width'],
-            img_size=run['img_size'], cell_norm=cell_norm(run))
-        model = CellsRemoved(ptl) if run['variant'] == 'control' else ptl
-        is_new = [not n.startswith('backbone.') for n, _ in ptl.named_parameters()]
-        params = [p for _, p in ptl.named_parameters()]
+            img_size=run['img_size'], cell_norm=cell_norm(run), cells_removed=run['variant'] == 'control')
+        is_new = [not n.startswith('backbone.') for n, _ in model.named_parameters()]
+        params = [p for _, p in model.named_parameters()]
     lr = run['lr']
     groups = [
         dict(params=[p for p, new in zip(params, is_new) if not new], lr=lr),
@@ -138,9 +135,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
     return 100.0 * correct / len(x)
 
 
-def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.Parameter]]] = None) -> Dict[str, Any]:
-    """Fine-tune once and return ``run`` with val / test accuracy and timing. ``modify`` (prototypes in
-    benchmarks/prototypes/) changes the freshly built PTL model and returns the new parameters to train."""
+def run_one(run: Dict[str, Any]) -> Dict[str, Any]:
+    """Fine-tune once and return ``run`` with val / test accuracy and timing."""
     from ptl_timm.data.offline import few_shot_split, to_model_input
 
     torch.set_num_threads(run.get('threads', 1))
@@ -153,10 +149,7 @@ def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.
     val_n, test_n = split_counts(run['task'])
     split = few_shot_split(labels, run['shots'], run['seed'], val_n, test_n, test_pool=test_pool)
     model, groups = build(run, num_classes)
-    built = model.ptl if isinstance(model, CellsRemoved) else model  # the timm model inside the control
-    if modify is not None:
-        groups[1]['params'] += modify(built)
-    mean, std = built.pretrained_cfg['mean'], built.pretrained_cfg['std']
+    mean, std = model.pretrained_cfg['mean'], model.pretrained_cfg['std']
     xs = {k: to_model_input(images[getattr(split, k)], run['img_size'], mean, std, antialias=True)
           for k in ('train', 'val', 'test')}
     ys = {k: torch.from_numpy(labels[getattr(split, k)]) for k in ('train', 'val', 'test')}
@@ -186,7 +179,7 @@ def run_one(run: Dict[str, Any], modify: Optional[Callable[[nn.Module], List[nn.
     result = dict(run, **init_scale, core=core_hash(), steps=steps, final_loss=loss.item(),
                   val_acc=accuracy(model, xs['val'], ys['val']), test_acc=accuracy(model, xs['test'], ys['test']))
     if run['variant'] in PTL_VARIANTS:
-        result.update(probe_trained_cells(model, xs, ys))
+        result.update(probe_trained_cells(model, run, num_classes, xs, ys))
     return dict(result, train_seconds=round(t_train, 1), seconds=round(time.time() - t0, 1))
 
 
@@ -206,12 +199,17 @@ def cell_feature_scale(model: nn.Module, x: torch.Tensor, batch: int = 250) -> D
     return out
 
 
-def probe_trained_cells(model: nn.Module, xs: Dict[str, torch.Tensor], ys: Dict[str, torch.Tensor]) -> Dict[str, float]:
-    """What the trained cells contribute: the same trained model scored with the cells' output replaced by
-    zeros (``*_no_cells``) and, for a carried state, with the learned state replaced by zeros (``*_zero_state``)."""
+def probe_trained_cells(model: nn.Module, run: Dict[str, Any], num_classes: int, xs: Dict[str, torch.Tensor],
+                        ys: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """What the trained cells contribute: the same trained weights scored by the control model
+    (``cells_removed=True``, ``*_no_cells``) and, for a carried state, with the learned state replaced by zeros
+    (``*_zero_state``)."""
     from ptl_timm import reset_state
 
-    out = {f'{k}_acc_no_cells': accuracy(CellsRemoved(model), xs[k], ys[k]) for k in ('val', 'test')}
+    with torch.random.fork_rng():  # building draws random numbers; the caller's stay as they were
+        removed, _ = build(dict(run, variant='control'), num_classes)
+    removed.load_state_dict(model.state_dict())
+    out = {f'{k}_acc_no_cells': accuracy(removed, xs[k], ys[k]) for k in ('val', 'test')}
     out.update({f'trained_{k}': v for k, v in cell_feature_scale(model, xs['test']).items()})
     if model.state_mode != 'reset':  # a 'reset' state is always zero
         reset_state(model)
@@ -240,9 +238,13 @@ def _default_cell_norm(variant: str) -> bool:
     return DEFAULT_CELL_NORM and variant in PTL_VARIANTS  # the control and plain have no cell features
 
 
-def run_key(run: Dict[str, Any]) -> Tuple:
-    return tuple(run[k] for k in ('model', 'task', 'shots', 'variant', 'width', 'lr_mult', 'seed', 'img_size',
-                                  'epochs', 'min_steps', 'lr')) + (cell_norm(run),)
+KEY_FIELDS = ('model', 'task', 'shots', 'variant', 'width', 'lr_mult', 'seed', 'img_size', 'epochs', 'min_steps',
+              'lr')
+
+
+def key_of(run: Dict[str, Any]) -> str:
+    """The run's key in the results store: the fields that define it."""
+    return run_key(dict({k: run[k] for k in KEY_FIELDS}, cell_norm=cell_norm(run)))
 
 
 def grid(args: argparse.Namespace) -> Iterator[Dict[str, Any]]:
@@ -271,52 +273,32 @@ def _worker(run: Dict[str, Any]) -> Dict[str, Any]:
         return dict(run, error=f'{type(e).__name__}: {e}')
 
 
-def run_grid(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
+def is_complete(record: Dict[str, Any]) -> bool:
+    """A finished run; PTL records written before the probe of the trained cells existed are run again (runs
+    are deterministic)."""
+    return 'error' not in record and (record['variant'] not in PTL_VARIANTS or 'test_acc_no_cells' in record)
+
+
+def run_grid(args: argparse.Namespace, store: Store) -> None:
     from tqdm import tqdm
 
-    data = _load(path)
-    # PTL records written before the probe of the trained cells existed are run again (runs are deterministic)
-    done = {run_key(r) for r in data['runs']
-            if 'error' not in r and (r['variant'] not in PTL_VARIANTS or 'test_acc_no_cells' in r)}
-    todo = [r for r in grid(args) if run_key(r) not in done]
-    data['environment'] = dict(environment(), workers=args.workers, threads_per_worker=1)
-    print(f'{len(todo)} runs to do ({len(done)} already in {path})', flush=True)
+    done = {k for k, r in store.latest().items() if is_complete(r)}
+    todo = shard([r for r in grid(args) if key_of(r) not in done], args.shard)
+    print(f'{len(todo)} runs to do ({len(done)} already in {store.path})', flush=True)
     if not todo:
-        return data
+        return
+    stamped = stamp()
+    stamped['env'].update(workers=args.workers, threads_per_worker=1)
     ctx = mp.get_context('spawn')
     with ctx.Pool(args.workers, maxtasksperchild=20) as pool, tqdm(total=len(todo), unit='run') as bar:
         for result in pool.imap(_worker, todo):
-            data['runs'] = [r for r in data['runs'] if run_key(r) != run_key(result)] + [result]
-            write_json(path, data)
+            store.append(dict(result, key=key_of(result)), stamped)
             bar.set_postfix_str(f'{result["model"][:12]} {result["task"]} {result["shots"]} {result["variant"]} '
                                 f'{result.get("test_acc", result.get("error", ""))}')
             bar.update()
-    return data
-
-
-def _load(path: Path) -> Dict[str, Any]:
-    import json
-
-    if path.is_file():
-        return json.loads(path.read_text())
-    return dict(environment={}, runs=[])
 
 
 # --- report -------------------------------------------------------------------------------------------
-def _fmt_ci(values: List[float]) -> str:
-    mean, lo, hi = t_ci95(values)
-    if math.isnan(lo):
-        return f'{mean:+.2f} (n={len(values)})'
-    return f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]'
-
-
-def _fmt_avg(groups: List[List[float]]) -> str:
-    mean, lo, hi = mean_of_means_ci95(groups)
-    if math.isnan(mean):  # every cell has a single seed (e.g. --quick): no standard error to average with
-        return 'n/a (needs 2 seeds per cell)'
-    return f'{mean:+.2f}' if math.isnan(lo) else f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]'
-
-
 def _by_seed(runs: List[Dict[str, Any]], metric: str) -> Dict[int, float]:
     return {r['seed']: r[metric] for r in runs}
 
@@ -335,21 +317,21 @@ def _table_head(title: str, intro: Optional[str], columns: List[str]) -> List[st
             ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)])
 
 
-def report(data: Dict[str, Any], stem: Path) -> str:
-    """Markdown tables (main comparison and ablations, test and validation) and a plot of paired gains."""
-    runs = [r for r in data['runs'] if 'error' not in r]
-    errors = [r for r in data['runs'] if 'error' in r]
+def report(records: List[Dict[str, Any]], stem: Path, command: str) -> str:
+    """Markdown tables (main comparison and ablations, test and validation) and a plot of paired gains, from the
+    records alone."""
+    runs = [r for r in records if 'error' not in r]
+    errors = [r for r in records if 'error' in r]
     main = [r for r in runs if is_main(r)]
     cells = sorted({(r['model'], r['task'], r['shots']) for r in main})
-    env = data.get('environment', {})
+    env = records[-1].get('env', {}) if records else {}
     lines = _table_head(
         'Transfer accuracy (%, mean +- std over seeds; paired differences with 95 % t-interval)',
         f'Fixed held-out test set; {len(runs)} runs; torch {env.get("torch")}, timm {env.get("timm")}, '
         f'{env.get("cpu")}, {env.get("workers")} processes x 1 thread.',
         ['model', 'task', 'shots/class', 'seeds', *VARIANTS,
          'shared - control', 'carried - control', 'reset - control', 'shared - plain'])
-    gains: Dict[Tuple[str, str], List[List[float]]] = {
-        pair: [] for pair in (('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'plain'))}
+    gains: Dict[Tuple[str, str], List[List[float]]] = {pair: [] for pair in GAIN_PAIRS}
     plot_rows = []
     for model, task, shots in cells:
         sel = [r for r in main if (r['model'], r['task'], r['shots']) == (model, task, shots)]
@@ -358,20 +340,21 @@ def report(data: Dict[str, Any], stem: Path) -> str:
         row = [model, task, str(shots), str(len(seeds))]
         for v in VARIANTS:
             vals = list(acc[v].values())
-            row.append(f'{np.mean(vals):.2f} +- {np.std(vals, ddof=1) if len(vals) > 1 else 0:.2f}' if vals else '-')
+            row.append(fmt_mean_std(vals) if vals else '-')
         diffs = {}
-        for v, ref in (('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'plain')):
+        for v, ref in GAIN_PAIRS:
             paired = [acc[v][s] - acc[ref][s] for s in seeds if s in acc[v] and s in acc[ref]]
             diffs[(v, ref)] = paired
-            row.append(_fmt_ci(paired) if paired else '-')
+            row.append(fmt_ci(paired) if paired else '-')
         for pair, paired in diffs.items():
             if paired:
                 gains[pair].append(paired)
-        plot_rows.append((f'{model.replace("tf_efficientnet_", "eff")}\n{task} {shots}', diffs))
+        plot_rows.append((f'{model.replace("tf_efficientnet_", "eff")}\n{task} {shots}',
+                          {f'{v} - {ref}': d for (v, ref), d in diffs.items()}))
         lines.append('| ' + ' | '.join(row) + ' |')
     lines += ['', 'Average over the table\'s cells of the paired gain (mean of the cell means, 95 % interval from '
               'their standard errors): ' + ', '.join(
-                  f'{v} - {ref} {_fmt_avg(g)} ({len(g)} cells)' for (v, ref), g in gains.items() if g) + '.', '']
+                  f'{v} - {ref} {fmt_avg(g)} ({len(g)} cells)' for (v, ref), g in gains.items() if g) + '.', '']
 
     abl = [r for r in runs if r['variant'] in ('shared', 'control')]
     settings = sorted({setting(r) for r in abl if r['variant'] == 'shared'})
@@ -402,11 +385,11 @@ def report(data: Dict[str, Any], stem: Path) -> str:
                 row.append(f'{np.mean([c[s] for s in seeds]):.2f}' if seeds else '-')
                 row.append(f'{np.mean(list(p.values())):.2f}')
                 paired = [p[s] - c[s] for s in seeds]
-                row.append(_fmt_ci(paired) if paired else '-')
+                row.append(fmt_ci(paired) if paired else '-')
                 if metric == 'val_acc':
                     is_default = (width, lr_mult, norm) == DEFAULT_SETTING
                     vs_default = [] if is_default else [p[s] - default[s] for s in p if s in default]
-                    row.append(_fmt_ci(vs_default) if vs_default else '-')
+                    row.append(fmt_ci(vs_default) if vs_default else '-')
             lines.append('| ' + ' | '.join(row) + ' |')
         lines.append('')
 
@@ -421,8 +404,8 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             no_cells = [r['test_acc'] - r['test_acc_no_cells'] for r in sel]
             zero = [r['test_acc'] - r['test_acc_zero_state'] for r in sel if 'test_acc_zero_state' in r]
             lines.append(f'| {model} | {task} | {shots} | {variant} | {len(sel)} | '
-                         f'{np.mean([r["test_acc"] for r in sel]):.2f} | {_fmt_ci(no_cells)} | '
-                         f'{_fmt_ci(zero) if zero else "-"} |')
+                         f'{np.mean([r["test_acc"] for r in sel]):.2f} | {fmt_ci(no_cells)} | '
+                         f'{fmt_ci(zero) if zero else "-"} |')
         lines.append('')
 
     scaled = [r for r in main if 'trained_feat_std_cells' in r]
@@ -458,41 +441,14 @@ def report(data: Dict[str, Any], stem: Path) -> str:
             if paired:
                 val_gains[(v, ref)].append(paired)
     val_lines += ['', 'Average over the cells of the paired validation difference: ' + ', '.join(
-        f'{v} - {ref} {_fmt_avg(g)} ({len(g)} cells)' for (v, ref), g in val_gains.items() if g) + '.']
+        f'{v} - {ref} {fmt_avg(g)} ({len(g)} cells)' for (v, ref), g in val_gains.items() if g) + '.']
     lines += val_lines + ['']
     if errors:
         lines += [f'{len(errors)} runs failed: ' + '; '.join(sorted({r["error"][:120] for r in errors})), '']
-    text = '\n'.join(lines)
-    stem.with_suffix('.md').write_text(text)
-    _plot(plot_rows, stem.with_suffix('.png'))
+    text = write_report(stem.with_suffix('.md'), '\n'.join(lines), records, command)
+    bar_plot(plot_rows, [f'{v} - {ref}' for v, ref in GAIN_PAIRS], stem.with_suffix('.png'),
+             'paired test accuracy gain (points, 95 % CI)', records, command)
     return text
-
-
-def _plot(rows: List[Tuple[str, Dict]], path: Path) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    pairs = [('shared', 'control'), ('carried', 'control'), ('reset', 'control'), ('shared', 'plain')]
-    width = 0.8 / len(pairs)
-    for j, pair in enumerate(pairs):
-        means, errs = [], []
-        for _, diffs in rows:
-            mean, lo, hi = t_ci95(diffs[pair]) if diffs[pair] else (math.nan,) * 3
-            means.append(mean)
-            errs.append(0 if math.isnan(lo) else hi - mean)
-        ax.bar(np.arange(len(rows)) + (j - 1.5) * width, means, width, yerr=errs, capsize=2,
-               label=f'{pair[0]} - {pair[1]}')
-    ax.axhline(0, color='k', lw=0.8)
-    ax.set_xticks(np.arange(len(rows)), [r[0] for r in rows], fontsize=7)
-    ax.set_ylabel('paired test accuracy gain (points, 95 % CI)')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -514,13 +470,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--weight-decay', type=float, default=0.01)
     p.add_argument('--workers', type=int, default=2, help='processes, 1 thread each')
-    p.add_argument('--out', help='results JSON (default benchmarks/results/transfer.json, or transfer_quick.json)')
+    p.add_argument('--out', help='results store, .jsonl (default benchmarks/results/transfer_default.jsonl; with '
+                   '--quick benchmarks/results/quick/transfer.jsonl, git-ignored)')
+    p.add_argument('--shard', metavar='I/N', help='run every N-th run of the grid from the I-th (processes sharing '
+                   'one --out)')
     p.add_argument('--quick', action='store_true', help='smoke run: 1 seed, MobileNetV2, Animal-MNIST, 10 shots')
-    p.add_argument('--report', action='store_true', help='only write tables and plot from the JSON')
+    p.add_argument('--report', action='store_true', help='only write tables and plot from the stored records')
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.tasks, args.shots, args.seeds, args.min_steps = 'mobilenetv2_100', 'animal', '10', '1', 20
-    args.out = args.out or str(RESULTS_DIR / ('transfer_quick.json' if args.quick else 'transfer.json'))
+    default = 'transfer.jsonl' if args.quick else 'transfer_default.jsonl'
+    args.out = Path(args.out) if args.out else results_path(default, quick=args.quick)
+    if args.out.suffix != '.jsonl':
+        p.error(f'--out {args.out}: a results store is a .jsonl file (the report and plot are written beside it)')
     args.models = args.models.split(',')
     args.tasks = args.tasks.split(',')
     bad = [t for t in args.tasks if t not in TASKS]
@@ -537,15 +499,26 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def report_command(path: Path) -> str:
+    """The command that rewrites the report of the store ``path`` from its records (run from the repository)."""
+    try:
+        shown = path.resolve().relative_to(Path(__file__).resolve().parents[1])
+    except ValueError:
+        shown = path
+    return f'python benchmarks/transfer.py --report --out {shown}'
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    path = Path(args.out)
-    data = _load(path) if args.report else run_grid(args, path)
-    print(report(data, path.with_suffix('')))
+    store = Store(args.out)
+    if not args.report:
+        run_grid(args, store)
+    records = list(store.latest().values())
+    print(report(records, args.out.with_suffix(''), report_command(args.out)))
     if not args.report:  # the runs asked for, one line each (the demo's output)
-        asked = {run_key(r) for r in grid(args)}
-        for r in data['runs']:
-            if run_key(r) in asked:
+        asked = {key_of(r) for r in grid(args)}
+        for r in records:
+            if r['key'] in asked:
                 name = r['model'] if r['variant'] == 'plain' else f'ptl_{r["model"]} ({r["variant"]})'
                 print(f'{r["task"]} {r["shots"]}/class seed {r["seed"]}: {name:45s} '
                       f'test {r.get("test_acc", float("nan")):.2f} %  val {r.get("val_acc", float("nan")):.2f} %')

@@ -1,5 +1,6 @@
-"""What the benchmarks record and compute (benchmarks/common.py): the environment of a result, and the statistics
-behind the documented claims, against hand computations."""
+"""What the benchmarks record and compute (benchmarks/common.py, the benchmark core): the environment of a result,
+the results store, the statistics behind the documented claims against hand computations, and reports that
+regenerate from their records to the digit."""
 import math
 import sys
 from pathlib import Path
@@ -7,7 +8,19 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-from common import environment, mean_of_means_ci95, t_ci95  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    Store,
+    environment,
+    fmt_ci,
+    mean_of_means_ci95,
+    paired,
+    provenance,
+    run_key,
+    shard,
+    stamp,
+    t_ci95,
+)
 
 
 def test_t_interval_of_a_mean():
@@ -38,3 +51,46 @@ def test_results_record_the_cpu_and_its_vector_extensions():
     assert isinstance(env['cpu_flags'], list) and all(isinstance(f, str) for f in env['cpu_flags'])
     if Path('/proc/cpuinfo').is_file() and ' avx2 ' in f' {Path("/proc/cpuinfo").read_text()} ':
         assert 'avx2' in env['cpu_flags']
+
+
+def test_store_appends_stamped_records_and_resumes_by_key(tmp_path):
+    store = Store(tmp_path / 'runs.jsonl')
+    assert store.records() == [] and store.done() == set()
+    a, b = run_key(dict(seed=0, variant='shared')), run_key(dict(variant='shared', seed=1))
+    assert a == run_key(dict(variant='shared', seed=0)) and a != b  # the fields, not their order
+    stamped = stamp()
+    assert stamped['commit'] == stamped['env']['git_commit'] and stamped['core'] == stamped['env']['ptl_core_hash']
+    store.append(dict(key=a, acc=1.0, core='measured'), stamped)  # a worker's own core hash wins
+    store.append(dict(key=b, error='RuntimeError: x'), stamped)
+    assert store.done() == {a} and store.latest()[a]['core'] == 'measured'
+    store.append(dict(key=b, acc=2.0), stamped)  # a rerun of a failed key replaces it
+    assert store.done() == {a, b} and [r['key'] for r in store.latest().values()] == [a, b]
+    assert len(store.records()) == 3 and all(r['env'] == stamped['env'] for r in store.records())
+
+
+def test_shards_split_a_grid_without_overlap():
+    items = list(range(7))
+    parts = [shard(items, f'{i}/3') for i in range(3)]
+    assert sorted(sum(parts, [])) == items and shard(items, None) == items
+    with pytest.raises(ValueError, match='0 <= i < n'):
+        shard(items, '3/3')
+
+
+def test_paired_differences_and_their_report_string():
+    assert paired({0: 3.0, 1: 5.0, 2: 1.0}, {1: 4.0, 0: 1.0}) == [2.0, 1.0]
+    mean, lo, hi = t_ci95([2.0, 1.0])
+    assert fmt_ci([2.0, 1.0]) == f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]' and fmt_ci([0.5]) == '+0.50 (n=1)'
+    line = provenance([dict(commit='abc', core='c1'), dict(commit='abc', core='c2')], 'python x.py --report')
+    assert '`abc` (2)' in line and '`c1` (1), `c2` (1)' in line and 'python x.py --report' in line
+
+
+@pytest.mark.parametrize('name', ['transfer_default', 'transfer_long', 'cell_scale'])
+def test_transfer_reports_regenerate_from_their_records_to_the_digit(name, tmp_path):
+    """The committed report of each transfer results store is exactly what --report writes from its records."""
+    import transfer
+
+    store = RESULTS_DIR / f'{name}.jsonl'
+    records = list(Store(store).latest().values())
+    assert records and all(r['commit'] and r['core'] and r['env'] for r in records)
+    transfer.report(records, tmp_path / name, transfer.report_command(store))
+    assert (tmp_path / f'{name}.md').read_text() == (RESULTS_DIR / f'{name}.md').read_text()

@@ -128,14 +128,17 @@ def cmd_info(args: argparse.Namespace) -> None:
     if not isinstance(model, PTLNet):
         raise ValueError(f'{args.name} is a {type(model).__name__}, not a PTL model (ptl_*).')
     total, backbone = _param_count(model), _param_count(model.backbone)
+    # the overhead as the model table counts it: against the plain timm model with the same classes
+    plain = _param_count(timm.create_model(model.backbone_name, num_classes=model.num_classes))
     cfg = model.pretrained_cfg
     full_ptl = parse_model_name(args.name)[0] is not None or args.name in load_manifest()
     weights = 'full PTL (backbone, cells, head, latent state)' if full_ptl else 'backbone only (cells, head fresh)'
     info = dict(
         name=args.name, architecture=cfg.get('architecture'), backbone=model.backbone_name,
         weights=f'{weights}, {"loaded" if args.pretrained else "not loaded (--pretrained loads them)"}',
-        params=total, params_backbone=backbone, params_ptl=total - backbone,
-        ptl_overhead=f'{100.0 * (total - backbone) / backbone:+.1f} %',
+        params=total, params_backbone=backbone, params_plain=plain,
+        ptl_overhead=f'{100.0 * (total - plain) / plain:+.1f} % parameters over {model.backbone_name} with the same '
+                     f'{model.num_classes} classes (cells, fuses, the classifier\'s wider input)',
         num_classes=model.num_classes, num_features=model.num_features, state_mode=model.state_mode,
         cell_widths=list(model.cell_widths), img_size=list(model.img_size),
         stages=_stages(model),

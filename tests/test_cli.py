@@ -85,6 +85,10 @@ def test_info_reports_config_params_stages_and_cell_widths(env):
     assert [(int(r[0]), int(r[1]), int(r[2])) for r in rows] == [
         (k, info['reduction'], info['num_chs']) for k, info in enumerate(model.backbone.feature_info)]
     assert [int(r[3]) for r in rows if r[3] != '-'] == [cells[-1].out_chs for cells in model.cells]
+    plain = sum(p.numel() for p in timm.create_model('resnet18', num_classes=5).parameters())
+    assert f'params_plain: {plain}' in out  # the overhead is counted as the model table counts it
+    overhead = 100.0 * (sum(p.numel() for p in model.parameters()) - plain) / plain
+    assert f'ptl_overhead: {overhead:+.1f} % parameters over resnet18 with the same 5 classes' in out
 
 
 def test_export_ema_end_to_end_then_push_fails_cleanly_offline(env, checkpoint, tmp_path):

@@ -53,6 +53,10 @@ def exported(tmp_path_factory):
 def test_export_writes_hub_folder_with_ptl_model_args_and_nontrivial_state(exported):
     folder, model = exported['folder'], exported['model']
     assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    ordinary = folder.parent / 'ordinary.txt'  # the mode any new file gets under this process's umask
+    ordinary.write_text('')
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == dict.fromkeys(
+        ['README.md', 'config.json', 'model.safetensors'], ordinary.stat().st_mode & 0o777)
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == exported['entry']['config']['architecture']
     assert config['model_args']['cell_widths'] == list(model.cell_widths)

@@ -112,7 +112,16 @@ def save_pretrained(
     config['model_args'].pop('num_classes', None)
     config_path.write_text(json.dumps(config, indent=2) + '\n')
     (directory / 'README.md').write_text(model_card(config, repo_id=repo_id, training=training))
+    # safetensors writes its file owner-only (0600); a folder meant for sharing gets ordinary permissions
+    _ordinary_permissions(directory / WEIGHTS_NAME)
     return {name: file_sha256(directory / name) for name in (WEIGHTS_NAME, 'config.json', 'README.md')}
+
+
+def _ordinary_permissions(path: Path) -> None:
+    """Give ``path`` the mode a newly created file gets under the process's umask (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def export_checkpoint(

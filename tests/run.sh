@@ -66,6 +66,8 @@ models="$(python tests/timm_models.py)"
 # GITHUB_ACTIONS: timm's tests as timm's CI runs them, without the tests that download pretrained weights. Nothing
 # is deselected: the ptl_densenet* models also pass the TorchScript test timm skips for its own densenet*.
 # pytest-xdist: two workers of one thread each, as the 300-odd tests would not fit the suite's time in one.
+# -p timm_models (tests/timm_models.py): registers our models and the timeout mark timm's tests use
+tests_dir="$PWD/tests"
 cd "$timm_src"
-OMP_NUM_THREADS=1 GITHUB_ACTIONS=true python -m pytest -q -n 2 -p ptl_timm -p no:cacheprovider tests/test_models.py \
-    -k "$models"
+OMP_NUM_THREADS=1 GITHUB_ACTIONS=true PYTHONPATH="$tests_dir${PYTHONPATH:+:$PYTHONPATH}" \
+    python -m pytest -q -n 2 -p timm_models -p no:cacheprovider tests/test_models.py -k "$models"

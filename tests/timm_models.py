@@ -1,7 +1,8 @@
 """The models timm's own tests/test_models.py runs on (tests/run.sh): every model this package registers.
 
-Prints a pytest -k expression of their names (a name also selects its pretrained tags, which timm's cfg test
-runs one by one).
+Run as a script, prints a pytest -k expression of their names (a name also selects its pretrained tags, which
+timm's cfg test runs one by one). Loaded as a pytest plugin into timm's test run (``-p timm_models``), it
+registers the models and the marks timm's tests use beyond their own list.
 """
 import timm
 
@@ -13,6 +14,12 @@ MODULES = ['ptlnet', 'bnneck', 'mgn']
 
 def registered_models() -> list:
     return timm.list_models(module=MODULES)
+
+
+def pytest_configure(config) -> None:
+    """timm's CI gets the ``timeout`` mark from pytest-timeout; registered here, not enforced: timm's limits are
+    sized for its CI runners, not for a shared 2-core machine."""
+    config.addinivalue_line('markers', 'timeout(seconds): time limit of a test in timm CI (pytest-timeout)')
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
-"""The package's layering (docs/development.md): no import circle, a model registry that does no Hub I/O, a
-manifest module that imports nothing of ours, and registered models that document themselves."""
+"""The package's layering (docs/development.md): each part imports only the parts its layout allows, no import
+circle, a model registry that does no Hub I/O, a manifest module that imports nothing of ours, registered models
+that document themselves, and benchmarks on the public API only."""
 import ast
 from pathlib import Path
 from typing import Dict, Set
@@ -38,6 +39,36 @@ def _import_graph() -> Dict[str, Set[str]]:
                     edges.add(f'{base}.{alias.name}' if f'{base}.{alias.name}' in modules else base)
         graph[name] = edges - {name}
     return graph
+
+
+# what each part of ptl_timm may import of ptl_timm besides itself: the tree of docs/development.md
+ALLOWED = {
+    'layers': set(),
+    'data': set(),
+    'offline': {'data'},
+    'models': {'layers', 'hub'},  # hub.manifest and hub.cache only (test_registry_and_manifest_import_no_hub_io)
+    'hub': {'layers', 'models', 'reid'},
+    'reid': {'layers', 'models', 'data', 'hub'},
+    'deploy': {'layers', 'models', 'reid', 'hub'},
+    'launch': set(),
+    'cli': {'layers', 'models', 'reid', 'data', 'offline', 'hub', 'deploy', 'launch'},
+    '__main__': {'cli'},
+}
+
+
+def _part(module: str) -> str:
+    parts = module.split('.')
+    return parts[1] if len(parts) > 1 else ''
+
+
+def test_each_part_imports_only_what_the_layout_allows():
+    graph = _import_graph()
+    parts = {_part(m) for m in graph} - {''}  # '' is the package's __init__, which re-exports the public names
+    assert parts == set(ALLOWED), f'parts without a rule here and in docs/development.md: {parts ^ set(ALLOWED)}'
+    wrong = sorted(f'{m} imports {d}' for m, deps in graph.items() for d in deps
+                   if _part(m) and _part(d) != _part(m) and _part(d) not in ALLOWED[_part(m)])
+    assert not wrong, ('imports against the layout of docs/development.md (move the code to where it belongs, or '
+                       'change the layout there and in ALLOWED):\n' + '\n'.join(wrong))
 
 
 def test_no_import_circle():

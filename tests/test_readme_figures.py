@@ -58,3 +58,18 @@ def test_quoted_intervals_come_from_results_files():
     assert len(quoted) > 20
     typed_in = [f'{path.relative_to(ROOT)}: {m}' for path, m in quoted if m not in results]
     assert not typed_in, 'intervals not found in benchmarks/results/*.md:\n' + '\n'.join(typed_in)
+
+
+def test_every_results_file_is_listed_with_its_command():
+    """docs/benchmarks.md names the command behind every file under benchmarks/results/ (quick/ is git-ignored)."""
+    text = (ROOT / 'docs' / 'benchmarks.md').read_text()
+    section = text[text.index('## Results files and the commands that write them'):]
+    section = section[:section.index('\n## ', 1)]
+    listed = set()
+    for stem, suffixes in re.findall(r'^- `([\w.]+)\.\{([\w,]+)\}`: ', section, flags=re.M):
+        listed.update(f'{stem}.{suffix}' for suffix in suffixes.split(','))
+    results = ROOT / 'benchmarks' / 'results'
+    files = {p.relative_to(results).as_posix() for p in results.rglob('*')
+             if p.is_file() and not p.relative_to(results).as_posix().startswith('quick/')}
+    assert files - listed == set(), 'results files that docs/benchmarks.md does not list with their command'
+    assert listed - files == set(), 'docs/benchmarks.md lists results files that do not exist'

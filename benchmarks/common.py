@@ -123,6 +123,11 @@ def git_commit() -> Optional[str]:
         return None
 
 
+# variables that cap the vector extensions torch's own kernels and oneDNN use: with both at AVX2 an AVX-512
+# machine reproduces an AVX2 machine's results (docs/benchmarks.md, "Where these figures were measured")
+KERNEL_ENV = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
+
+
 def environment() -> Dict[str, Any]:
     """Versions, threads and CPU of this run (model, vector extensions, the kernels torch picked for them),
     stored with every result file: another CPU may give other last digits."""
@@ -136,6 +141,7 @@ def environment() -> Dict[str, Any]:
         python=platform.python_version(), torch=torch.__version__, timm=timm.__version__, numpy=np.__version__,
         platform=platform.platform(), cpu=cpu, cpu_flags=cpu_flags,
         torch_cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_count=os.cpu_count(),
+        kernel_env={k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
         torch_threads=torch.get_num_threads(),
         git_commit=git_commit(), ptl_timm_path=str(Path(ptl_timm.__file__).parent), ptl_core_hash=core_hash(),
     )

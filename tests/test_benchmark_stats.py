@@ -94,3 +94,27 @@ def test_transfer_reports_regenerate_from_their_records_to_the_digit(name, tmp_p
     assert records and all(r['commit'] and r['core'] and r['env'] for r in records)
     transfer.report(records, tmp_path / name, transfer.report_command(store))
     assert (tmp_path / f'{name}.md').read_text() == (RESULTS_DIR / f'{name}.md').read_text()
+
+
+@pytest.mark.slow
+def test_transfer_grid_runs_resumes_and_reports_through_the_store(tmp_path, monkeypatch, capsys):
+    """benchmarks/transfer.py end to end, tiny: the control is the cells_removed model, every record is stamped,
+    a rerun of the same grid resumes (runs nothing), and --report rewrites the same report from the records."""
+    import transfer
+
+    monkeypatch.setenv('PTL_TIMM_CACHE', str(tmp_path))
+    out = tmp_path / 'grid.jsonl'
+    argv = ['--quick', '--variants', 'control,shared', '--epochs', '1', '--min-steps', '2', '--img-size', '32',
+            '--workers', '1', '--out', str(out)]
+    transfer.main(argv)
+    records = list(Store(out).latest().values())
+    assert [r['variant'] for r in records] == ['control', 'shared'] and not any('error' in r for r in records)
+    assert all(r['commit'] and r['core'] and r['env']['ptl_core_hash'] for r in records)
+    shared = records[1]
+    assert 0 <= shared['test_acc_no_cells'] <= 100 and 'test_acc_no_cells' not in records[0]
+    report = out.with_suffix('.md').read_text()
+    capsys.readouterr()
+    transfer.main(argv)
+    assert '0 runs to do (2 already in' in capsys.readouterr().out and len(Store(out).records()) == 2
+    transfer.main(['--report', '--out', str(out)])
+    assert out.with_suffix('.md').read_text() == report and out.with_suffix('.png').is_file()

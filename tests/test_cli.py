@@ -63,6 +63,7 @@ def export_folder(checkpoint):
     return out
 
 
+@pytest.mark.slow
 def test_list_shows_models_backbone_tags_and_manifest_checkpoints(env):
     result = run(env, 'list')
     assert result.returncode == 0, result.stderr
@@ -73,6 +74,7 @@ def test_list_shows_models_backbone_tags_and_manifest_checkpoints(env):
         assert any(name in line and entry['status'] in line and entry['hf_hub_id'] in line for line in lines)
 
 
+@pytest.mark.slow
 def test_info_reports_config_params_stages_and_cell_widths(env):
     result = run(env, 'info', 'ptl_resnet18', '--model-kwargs', 'num_classes=5', f'img_size={SIZE}')
     assert result.returncode == 0, result.stderr
@@ -91,6 +93,7 @@ def test_info_reports_config_params_stages_and_cell_widths(env):
     assert f'ptl_overhead: {overhead:+.1f} % parameters over resnet18 with the same 5 classes' in out
 
 
+@pytest.mark.slow
 def test_export_ema_end_to_end_then_push_fails_cleanly_offline(env, checkpoint, tmp_path):
     out = tmp_path / 'export'
     result = run(env, 'export', checkpoint['path'], out, '--ema')

@@ -53,6 +53,7 @@ def test_compiled_cell_training_matches_eager(state_mode):
     _assert_same_training(ref, compiled, cell, _steps(cell, steps=4))
 
 
+@pytest.mark.slow
 def test_inductor_cell_training_matches_eager():
     """With inductor, the partitioner recomputes cheap reads in the backward: the state read must not be one of
     them, or the gradients use the state after the step's in-place write (off by about half here)."""
@@ -65,6 +66,7 @@ def test_inductor_cell_training_matches_eager():
     _assert_same_training(ref, compiled, cell, _steps(cell, steps=3), exact=False)
 
 
+@pytest.mark.slow
 def test_compiled_model_training_matches_eager():
     """A whole PTL model in one graph per forward (fullgraph): no break at the cells' frozen flag."""
     torch.manual_seed(0)

@@ -116,6 +116,7 @@ def test_round_trip_between_the_device_and_the_cpu(device, mode):
     assert all(bool(c.state_frozen) for c in bconv_cells(back))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dtype', (torch.bfloat16, torch.float16), ids=('bf16', 'fp16'))
 def test_autocast_training_keeps_a_float32_state(device, dtype):
     ref, amp = _model('shared').to(device), _model('shared').to(device)
@@ -140,6 +141,7 @@ def test_channels_last_matches_contiguous(device):
         torch.testing.assert_close(t, s, **TOL)
 
 
+@pytest.mark.slow
 def test_torch_compile_trains_like_eager(device):
     """Compiled training gives the eager outputs, weights (so gradients) and state, step by step. Inductor on a
     GPU; on the CPU aot_eager_decomp_partition: Dynamo's capture and inductor's decompositions and min-cut

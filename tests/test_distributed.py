@@ -23,6 +23,8 @@ from ptl_timm import bconv_cells
 WORKER = Path(worker.__file__)
 WORLD_SIZE = 2
 TIMEOUT_S = 240
+# torchrun starts two processes that import torch and timm: the everyday loop (-m 'not slow') leaves it out
+pytestmark = pytest.mark.slow
 
 
 

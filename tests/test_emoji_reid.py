@@ -126,6 +126,7 @@ def test_benchmark_quick_run_and_report(emoji_root, tmp_path):
     assert '| +0.00 |' in rows[('control', 'val')]
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_a_seed_count_of_zero(tmp_path):
     """``--seeds 0`` reads as a count and would run nothing: the error names the list form for seed 0 alone."""
     script = Path(__file__).resolve().parent.parent / 'benchmarks' / 'emoji_reid.py'

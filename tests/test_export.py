@@ -47,6 +47,7 @@ def trained():
     return _trained()
 
 
+@pytest.mark.slow
 def test_onnx_has_a_dynamic_batch_the_state_inside_and_matches_pytorch_eval(trained, tmp_path):
     path = export_onnx(trained, tmp_path / 'model.onnx', input_size=INPUT_SIZE)
     assert [p.name for p in tmp_path.iterdir()] == ['model.onnx'], 'weights and state belong inside the one file'
@@ -71,6 +72,7 @@ def test_torch_export_matches_pytorch_eval_and_rejects_another_image_size(traine
         load_exported(program)(torch.randn(2, 3, SIZE * 2, SIZE * 2))
 
 
+@pytest.mark.slow
 def test_torchscript_matches_pytorch_eval(trained, tmp_path):
     """Compiled, not traced: the file takes any image size, the state resampled as in eager."""
     path = export_model(trained, tmp_path / 'model.pt', input_size=INPUT_SIZE)
@@ -113,6 +115,7 @@ def test_export_bad_arguments_say_what_to_do(trained, tmp_path):
         example_input(trained, (SIZE, SIZE))
 
 
+@pytest.mark.slow
 def test_cli_exports_the_ema_weights_of_a_train_py_checkpoint(trained, tmp_path):
     ema = _trained(seed=2)
     checkpoint = tmp_path / 'model_best.pth.tar'
@@ -126,6 +129,7 @@ def test_cli_exports_the_ema_weights_of_a_train_py_checkpoint(trained, tmp_path)
         torch.testing.assert_close(load_exported(out)(x), prepare_for_export(ema)(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_rebuilds_the_model_a_train_py_checkpoint_describes_and_rejects_bad_files(trained, tmp_path, capsys):
     """train.py's CheckpointSaver stores ``arch`` and its args: no --model or --model-kwargs needed. Bad files give
     one ``error:`` line and exit status 2."""

@@ -76,6 +76,7 @@ def test_export_writes_hub_folder_with_ptl_model_args_and_nontrivial_state(expor
     assert f"hf-hub:{exported['entry']['hf_hub_id']}" in card and 'import ptl_timm' in card
 
 
+@pytest.mark.slow
 def test_load_by_registered_tag_hf_hub_and_local_dir_is_bit_exact(exported, offline_cache):
     entry = exported['entry']
     repo = place_in_hf_cache(exported['folder'], entry['hf_hub_id'], offline_cache)

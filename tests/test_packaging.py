@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = '''import json, timm, ptl_timm
 from ptl_timm.hub import manifest, model_card
@@ -26,6 +28,7 @@ def _import_from(build_lib: Path, cwd: Path) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_built_package_ships_the_manifest_and_registers_its_tags(tmp_path):
     build_lib = tmp_path / 'lib'
     result = subprocess.run([sys.executable, 'setup.py', '-q', 'build_py', '--build-lib', str(build_lib)],

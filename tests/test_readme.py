@@ -45,6 +45,7 @@ def test_readme_snippets_run_offline_as_written(offline_env, tmp_path):
         assert result.returncode == 0, f'{code}\n--- stderr:\n{result.stderr[-3000:]}'
 
 
+@pytest.mark.slow
 def test_readme_lines_that_need_the_hub_fail_at_once_offline(offline_env, tmp_path):
     for block in _python_blocks():
         lines = block.splitlines()

@@ -196,6 +196,7 @@ def test_mgn_joined_features_pool_as_the_branch_maps():
     assert torch.equal(joined[:, :maps[0].shape[1]].amax(dim=(2, 3)), maps[0].amax(dim=(2, 3)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('feature_cls', ['getter', 'hook', 'list', 'dict', 'fx'])
 def test_mgn_features_only_gives_the_maps_feature_info_describes(feature_cls):
     """Every features_only form gives the trunk's maps and the joined branch map, as feature_info says."""
@@ -219,6 +220,7 @@ def test_mgn_features_only_gives_the_maps_feature_info_describes(feature_cls):
         torch.testing.assert_close(g, m, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['reid_ptl_resnet18', 'ptl_mgn_resnet50'])
 def test_reid_models_script_trace_and_compile(name):
     """TorchScript (eval embedding; train mode's ReIDOutput as a tuple), an FX trace and a whole-graph compiled

@@ -247,6 +247,7 @@ def _scripted(model):
     ('ptl_mobilenetv2_100', dict(state_mode='carried', state_slots=3, image_cells=True)),
     ('ptl_convnext_tiny', dict(drop_path_rate=0.)),
 ])
+@pytest.mark.slow
 def test_torchscript_matches_eager_in_training_and_eval(name, kwargs):
     """torch.jit.script compiles a copy of the model whose backbone runs its stages in TorchScript: the same
     modules and state_dict keys, the same outputs and state updates as eager, any input size; the model itself
@@ -277,6 +278,7 @@ def test_torchscript_matches_eager_in_training_and_eval(name, kwargs):
         torch.testing.assert_close(scripted(x), ref(x))
 
 
+@pytest.mark.slow
 def test_torchscript_of_a_wrapper_leaves_the_wrapped_model_alone():
     """torch.jit.script puts the prepared copy of a PTL backbone into the module it compiles: a ReID model scripts
     a copy of itself, so the model the user holds keeps its own backbone."""

@@ -157,6 +157,7 @@ def test_resolve_data_config_follows_the_backbone_and_the_command_line():
         assert model(x.unsqueeze(0)).shape == (1, NUM_CLASSES)
 
 
+@pytest.mark.slow
 def test_checkpoint_saver_resume_and_create_model_restore_the_latent_state(tmp_path):
     model = _model()
     ema = ModelEmaV3(model, decay=0.5)
@@ -273,6 +274,7 @@ print('registered', timm.is_model('ptl_resnet18'), 'name', __name__, 'argv', sys
 '''
 
 
+@pytest.mark.slow
 def test_launch_runs_a_script_with_ptl_models_registered(tmp_path):
     script = tmp_path / 'validate.py'
     script.write_text(SCRIPT)

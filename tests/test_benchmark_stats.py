@@ -1,6 +1,7 @@
 """What the benchmarks record and compute (benchmarks/common.py, the benchmark core): the environment of a result,
 the results store, the statistics behind the documented claims against hand computations, and reports that
 regenerate from their records to the digit."""
+import json
 import math
 import sys
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_paired_differences_and_their_report_string():
     assert '`abc` (2)' in line and '`c1` (1), `c2` (1)' in line and 'python x.py --report' in line
 
 
-@pytest.mark.parametrize('name', ['transfer_default', 'transfer_long', 'cell_scale'])
+@pytest.mark.parametrize('name', ['transfer_default', 'transfer_long', 'cell_scale', 'demo'])
 def test_transfer_reports_regenerate_from_their_records_to_the_digit(name, tmp_path):
     """The committed report of each transfer results store is exactly what --report writes from its records."""
     import transfer
@@ -94,6 +95,15 @@ def test_transfer_reports_regenerate_from_their_records_to_the_digit(name, tmp_p
     assert records and all(r['commit'] and r['core'] and r['env'] for r in records)
     transfer.report(records, tmp_path / name, transfer.report_command(store))
     assert (tmp_path / f'{name}.md').read_text() == (RESULTS_DIR / f'{name}.md').read_text()
+
+
+def test_model_table_regenerates_from_its_records(tmp_path):
+    import model_table
+
+    data = json.loads((RESULTS_DIR / 'models.json').read_text())
+    assert data['commit'] and data['core'] and data['env']
+    model_table.report(data, tmp_path / 'models.md')
+    assert (tmp_path / 'models.md').read_text() == (RESULTS_DIR / 'models.md').read_text()
 
 
 @pytest.mark.slow

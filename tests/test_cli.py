@@ -152,6 +152,7 @@ def test_one_meaning_per_flag_across_commands():
     assert args.model_kwargs == dict(cell_norm=True, img_size=64, cell_widths=[8, 8, 16, 32, 64],
                                      state_mode='carried', drop_rate=0.1)
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert not {'zoo', 'manifest-table'} & set(subparsers), 'maintainer commands live in weights/zoo.py'
     flags = {name: {opt: a for a in p._actions for opt in a.option_strings} for name, p in subparsers.items()}
     for command in ('export', 'deploy', 'extract'):
         assert isinstance(flags[command]['--model-kwargs'], cli.ModelKwargs), command

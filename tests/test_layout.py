@@ -166,7 +166,7 @@ def test_benchmarks_use_public_names_of_ptl_timm_only():
     something the package does not define: a refactor of the package could change it with no test failing."""
     private, methods = _package_names()
     found = [f'{path.relative_to(BENCHMARKS.parent)}:{line}: {what}' for path in sorted(BENCHMARKS.rglob('*.py'))
-             for line, what in _benchmark_violations(path, private, methods)]
+             for line, what in sorted(set(_benchmark_violations(path, private, methods)))]
     assert not found, ('benchmarks must use the public API of ptl_timm only. Fix: measure a documented option of the '
                        'package (add one, with its test, if a variant needs it) or a public function:\n'
                        + '\n'.join(found))

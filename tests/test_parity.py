@@ -10,7 +10,7 @@ smallest backbones (resnet18; MGN on a resnet18 trunk) keep the whole file withi
 """
 import argparse
 import copy
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import pytest
 import timm
@@ -104,15 +104,27 @@ def _kind(delta: float) -> int:
 
 def _step(model: Callable, params: nn.Module, x: torch.Tensor, names: Dict[int, str] = None) -> Dict[str, Any]:
     """One forward and backward of ``model`` (a module in train mode, or a function around one): its output, the
-    gradient of every parameter of ``params`` and every floating buffer after it (BN statistics, latent state), by
-    the name ``names`` gives each tensor (by default its own: wrapping modules would rename it)."""
+    gradient of every parameter of ``params``, and after it the BN statistics (every other floating buffer) and the
+    cells' latent state, by the name ``names`` gives each tensor (by default its own: wrapping modules renames it)."""
     names = names or _names(params)
     out = model(x)
     out = out if isinstance(out, torch.Tensor) else torch.cat([o.flatten(1) for o in _tensors(out)], 1)
     out.float().square().mean().backward()
     grads = {names.get(id(p), n): p.grad for n, p in params.named_parameters() if p.grad is not None}
-    state = {names.get(id(b), n): b.detach().clone() for n, b in params.named_buffers() if b.is_floating_point()}
-    return dict(out=out.detach(), grads=grads, state=state)
+    buffers = {names.get(id(b), n): b.detach().clone() for n, b in params.named_buffers() if b.is_floating_point()}
+    return dict(out=out.detach(), grads=grads, bn={k: v for k, v in buffers.items() if not k.endswith('.state')},
+                cells={k: v for k, v in buffers.items() if k.endswith('.state')})
+
+
+def _step_change(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, float]:
+    """How far step ``b`` is from step ``a``, per part (on the names both have: a BN swap turns BN parameters
+    into buffers)."""
+    change = {}
+    for key in a:
+        common = sorted(set(a[key]) & set(b[key])) if isinstance(a[key], dict) else None
+        change[key] = _delta(*(({k: r[key][k] for k in common} for r in (a, b)) if common is not None else
+                               (a[key], b[key])))
+    return change
 
 
 def _names(model: nn.Module) -> Dict[int, str]:
@@ -124,41 +136,42 @@ def _eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-def _same_keys(a: Dict[str, Any], b: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Two steps' results on the names both have (a BN swap turns BN parameters into buffers)."""
-    out_a, out_b = {}, {}
-    for key in a:
-        common = sorted(set(a[key]) & set(b[key])) if isinstance(a[key], dict) else None
-        out_a[key] = {k: a[key][k] for k in common} if common is not None else a[key]
-        out_b[key] = {k: b[key][k] for k in common} if common is not None else b[key]
-    return out_a, out_b
+Change = Union[float, Dict[str, float]]
 
 
-def _parity(client: Callable[[str, str], float], pair: str) -> None:
+def _parity(client: Callable[[str, str], Change], pair: str) -> None:
     """Run ``client`` on the twin, then on the PTL model: where the twin works the PTL model must, with a change of
-    its function no larger in kind."""
+    its function no larger in kind, part by part (outputs, gradients, BN statistics). The latent state has no
+    counterpart in the twin: it must change no more than the twin's function (outputs and gradients) does."""
     try:
         twin = client(pair, 'twin')
     except Exception:  # the twin cannot do it: nothing to match (the PTL model may try)
         return
     ptl = client(pair, 'ptl')
-    assert _kind(ptl) <= _kind(twin), f'{client.__name__} on {pair}: PTL change {ptl:.3g}, twin {twin:.3g}'
+    twin, ptl = ({'out': c} if isinstance(c, float) else c for c in (twin, ptl))
+    function = max(_kind(twin[k]) for k in ('out', 'grads') if k in twin)
+    for part, change in ptl.items():
+        allowed = _kind(twin[part]) if part in twin and part != 'cells' else function
+        assert _kind(change) <= allowed, (
+            f'{client.__name__} on {pair}: the PTL model\'s {part} moves by {change:.3g}; the twin\'s '
+            f'{part if part in twin and part != "cells" else "function"} by '
+            f'{twin.get(part, max(twin.get("out", 0.), twin.get("grads", 0.))):.3g}')
 
 
 # --- checkpointing ----------------------------------------------------------------------------------------------
-def own_grad_checkpointing(pair: str, which: str) -> float:
+def own_grad_checkpointing(pair: str, which: str) -> Dict[str, float]:
     x = _images(pair)
     plain, ckpt = _model(pair, which).train(), _model(pair, which).train()
     ckpt.set_grad_checkpointing(True)
-    return _delta(_step(plain, plain, x), _step(ckpt, ckpt, x))
+    return _step_change(_step(plain, plain, x), _step(ckpt, ckpt, x))
 
 
-def features_grad_checkpointing(pair: str, which: str) -> float:
+def features_grad_checkpointing(pair: str, which: str) -> Dict[str, float]:
     x = _images(pair)
     plain = _create(pair, which, features_only=True).train()
     ckpt = copy.deepcopy(plain)
     ckpt.set_grad_checkpointing(True)
-    return _delta(_step(plain, plain, x), _step(ckpt, ckpt, x))
+    return _step_change(_step(plain, plain, x), _step(ckpt, ckpt, x))
 
 
 class _Checkpointed(nn.Module):
@@ -182,18 +195,18 @@ def _wrap_parts(model: nn.Module) -> None:
                 parent._modules[name] = _Checkpointed(child)
 
 
-def external_checkpoint_model(pair: str, which: str) -> float:
+def external_checkpoint_model(pair: str, which: str) -> Dict[str, float]:
     x = _images(pair)
     plain, ckpt = _model(pair, which).train(), _model(pair, which).train()
-    return _delta(_step(plain, plain, x), _step(lambda t: checkpoint(ckpt, t, use_reentrant=False), ckpt, x))
+    return _step_change(_step(plain, plain, x), _step(lambda t: checkpoint(ckpt, t, use_reentrant=False), ckpt, x))
 
 
-def external_checkpoint_parts(pair: str, which: str) -> float:
+def external_checkpoint_parts(pair: str, which: str) -> Dict[str, float]:
     x = _images(pair)
     plain, ckpt = _model(pair, which).train(), _model(pair, which).train()
     names = _names(ckpt)
     _wrap_parts(ckpt)
-    return _delta(_step(plain, plain, x), _step(ckpt, ckpt, x, names))
+    return _step_change(_step(plain, plain, x), _step(ckpt, ckpt, x, names))
 
 
 # --- BN swaps ---------------------------------------------------------------------------------------------------
@@ -204,7 +217,7 @@ def _detr_frozen_bn(model: nn.Module) -> nn.Module:
     return model
 
 
-def _swap_change(pair: str, which: str, swap: Callable[[nn.Module], nn.Module], frozen: bool) -> float:
+def _swap_change(pair: str, which: str, swap: Callable[[nn.Module], nn.Module], frozen: bool) -> Dict[str, float]:
     """How far ``swap`` moves the eval function, the eval stage maps and a training step. A frozen BN normalises
     with the running statistics in train mode too: its reference step runs the BNs in eval mode."""
     x = _images(pair)
@@ -219,22 +232,24 @@ def _swap_change(pair: str, which: str, swap: Callable[[nn.Module], nn.Module], 
         for m in reference.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()  # the swaps freeze 2D BNs only (timm's and DETR's)
-    return max(delta, _delta(*_same_keys(_step(reference, reference, x), _step(swapped, swapped, x))))
+    change = _step_change(_step(reference, reference, x), _step(swapped, swapped, x))
+    change['out'] = max(change['out'], delta)
+    return change
 
 
-def sync_batchnorm_torch(pair: str, which: str) -> float:
+def sync_batchnorm_torch(pair: str, which: str) -> Dict[str, float]:
     return _swap_change(pair, which, nn.SyncBatchNorm.convert_sync_batchnorm, frozen=False)
 
 
-def sync_batchnorm_timm(pair: str, which: str) -> float:
+def sync_batchnorm_timm(pair: str, which: str) -> Dict[str, float]:
     return _swap_change(pair, which, convert_sync_batchnorm, frozen=False)
 
 
-def frozen_batchnorm_timm(pair: str, which: str) -> float:
+def frozen_batchnorm_timm(pair: str, which: str) -> Dict[str, float]:
     return _swap_change(pair, which, freeze_batch_norm_2d, frozen=True)
 
 
-def frozen_batchnorm_detr(pair: str, which: str) -> float:
+def frozen_batchnorm_detr(pair: str, which: str) -> Dict[str, float]:
     return _swap_change(pair, which, _detr_frozen_bn, frozen=True)
 
 
@@ -390,6 +405,17 @@ STATEFUL = [own_grad_checkpointing, sync_batchnorm_torch, sync_batchnorm_timm, f
 @pytest.mark.parametrize('client', STATEFUL, ids=lambda c: c.__name__)
 def test_client_keeps_the_function_as_on_the_twin(client, pair):
     _parity(client, pair)
+
+
+@pytest.mark.parametrize('model', ['ptl', 'twin'])
+@pytest.mark.parametrize('pair', ['mgn-shared', 'reid-shared'])
+@pytest.mark.parametrize('client', [sync_batchnorm_torch, sync_batchnorm_timm], ids=lambda c: c.__name__)
+def test_sync_batchnorm_conversion_keeps_the_reid_models_as_the_timm_backbone(client, pair, model):
+    """The twins of the ReID classes are ptl_timm's own models (their heads are ours): the SyncBN conversions must
+    work on them, and on the PTL ones, as exactly as on the plain timm backbone both are built on."""
+    backbone = client('ptlnet-shared', 'twin')  # plain timm resnet18
+    change = client(pair, model)
+    assert all(_kind(c) <= _kind(backbone[k]) for k, c in change.items() if k != 'cells'), (change, backbone)
 
 
 @pytest.mark.parametrize('pair', CLASS_PAIRS)

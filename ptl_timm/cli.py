@@ -143,8 +143,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     ptl = inner_ptl_net(model)
     if ptl is not None:  # a PTLNet, or the one a ReID model is built on
         total, backbone = _param_count(ptl), _param_count(ptl.backbone)
-        info.update(params_backbone=backbone, params_ptl=total - backbone,
-                    ptl_overhead=f'{100.0 * (total - backbone) / backbone:+.1f} %')
+        # the overhead as the model table counts it: against the plain timm model with the same classes
+        plain = _param_count(timm.create_model(ptl.backbone_name, num_classes=ptl.num_classes))
+        info.update(params_backbone=backbone, params_plain=plain,
+                    ptl_overhead=f'{100.0 * (total - plain) / plain:+.1f} % parameters over {ptl.backbone_name} with '
+                                 f'the same {ptl.num_classes} classes (cells, fuses, the classifier\'s wider input)')
     info.update(num_classes=model.num_classes, num_features=model.num_features)
     if cells:
         info.update(state_mode=cells[0].state_mode, cell_widths=list((ptl or model).cell_widths))

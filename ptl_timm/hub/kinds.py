@@ -67,6 +67,8 @@ def _ptl_args(model: PTLNet) -> Dict[str, Any]:
     if model.state_mode == 'carried':
         args['state_slots'] = next(bconv_cells(model)).state.shape[0]
     args['image_cells'] = bool(model.image_cells)
+    if getattr(model, 'cells_removed', False):  # the control without cells (PTLNet's cells_removed, where it exists)
+        args['cells_removed'] = True
     return args
 
 

@@ -290,6 +290,7 @@ OWN_MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(OWN_MODELS))
 def test_export_deploy_reload_extract_reproduce_every_registered_model(name, tmp_path):
     """A train.py checkpoint through ``ptl-timm export`` (its folder reloaded by timm), ``deploy`` (torch.export)
@@ -419,7 +420,7 @@ def test_sync_batchnorm_conversion_keeps_the_reid_models_as_the_timm_backbone(cl
 
 
 @pytest.mark.parametrize('pair', CLASS_PAIRS)
-@pytest.mark.parametrize('client', [features_grad_checkpointing, fx_quantization],
+@pytest.mark.parametrize('client', [features_grad_checkpointing, pytest.param(fx_quantization, marks=pytest.mark.slow)],
                          ids=lambda c: c.__name__)
 def test_class_client_keeps_the_function_as_on_the_twin(client, pair):
     _parity(client, pair)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 import ptl_timm
 from ptl_timm.cli import main
-from ptl_timm.deploy import load_exported, prepare_for_export
+from ptl_timm.deploy import check_export, export_model, load_exported, prepare_for_export
 from ptl_timm.reid.extract import FeatureExtractor, embed
 
 SIZE = 32  # PTLNet and ReIDNet input (H, W); MGN needs 16 px per stripe: (48, 16)
@@ -317,6 +317,16 @@ def test_export_deploy_reload_extract_reproduce_every_registered_model(name, tmp
         assert torch.equal(model(x), reloaded(x))
         assert torch.equal(prepare_for_export(model)(x), program(x))
         assert torch.equal(embed(model, x), extractor(x))
+
+
+@pytest.mark.slow
+def test_mgn_deploys_to_onnx(tmp_path):
+    """MGN's stripe pooling exports to ONNX (which has no adaptive max pooling), with and without cells."""
+    for name in ('ptl_mgn_resnet50', 'mgn_resnet50'):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=0, **MGN).eval()
+        path = export_model(model, tmp_path / f'{name}.onnx', input_size=(3, *MGN_SIZE))
+        assert check_export(model, path, input_size=(3, *MGN_SIZE)) < 1e-4
 
 
 # --- features_only, transformers ---------------------------------------------------------------------------------

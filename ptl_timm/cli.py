@@ -28,6 +28,7 @@ from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, parse_mode
 from .deploy import EXPORT_FORMATS, deploy_checkpoint
 from .hub import HubError
 from .hub.io import export_checkpoint, load_model, push_folder
+from .hub.kinds import backbone_name, inner_ptl_net
 from .hub.manifest import load_manifest
 from .launch import SCRIPT_NAMES, SCRIPTS_ENV, resolve_script, run_script
 from .layers import bconv_cells
@@ -125,28 +126,35 @@ def _stages(model: PTLNet) -> List[Dict[str, Any]]:
 
 def cmd_info(args: argparse.Namespace) -> None:
     model = load_model(args.name, pretrained=args.pretrained, **args.model_kwargs)
-    if not isinstance(model, PTLNet):
-        raise ValueError(f'{args.name} is a {type(model).__name__}, not a PTL model (ptl_*).')
-    total, backbone = _param_count(model), _param_count(model.backbone)
-    # the overhead as the model table counts it: against the plain timm model with the same classes
-    plain = _param_count(timm.create_model(model.backbone_name, num_classes=model.num_classes))
     cfg = model.pretrained_cfg
-    full_ptl = parse_model_name(args.name)[0] is not None or args.name in load_manifest()
-    weights = 'full PTL (backbone, cells, head, latent state)' if full_ptl else 'backbone only (cells, head fresh)'
-    info = dict(
-        name=args.name, architecture=cfg.get('architecture'), backbone=model.backbone_name,
-        weights=f'{weights}, {"loaded" if args.pretrained else "not loaded (--pretrained loads them)"}',
-        params=total, params_backbone=backbone, params_plain=plain,
-        ptl_overhead=f'{100.0 * (total - plain) / plain:+.1f} % parameters over {model.backbone_name} with the same '
-                     f'{model.num_classes} classes (cells, fuses, the classifier\'s wider input)',
-        num_classes=model.num_classes, num_features=model.num_features, state_mode=model.state_mode,
-        cell_widths=list(model.cell_widths), img_size=list(model.img_size),
-        stages=_stages(model),
-        pretrained_cfg={k: v for k, v in cfg.items() if k in (
-            'hf_hub_id', 'source', 'tag', 'input_size', 'interpolation', 'crop_pct', 'mean', 'std', 'num_classes',
-            'license', 'notes') and v is not None},
-        cells=len(list(bconv_cells(model))),
+    cells = list(bconv_cells(model))
+    full = parse_model_name(args.name)[0] is not None or args.name in load_manifest()
+    kind = ('full PTL (backbone, cells, head, latent state)' if cells else 'full (backbone, head)') if full else \
+        'backbone only (the rest fresh)'
+    info: Dict[str, Any] = dict(
+        name=args.name, architecture=cfg.get('architecture'), model_class=type(model).__name__,
+        backbone=backbone_name(model),
+        weights=f'{kind}, {"loaded" if args.pretrained else "not loaded (--pretrained loads them)"}',
+        params=_param_count(model),
     )
+    ptl = inner_ptl_net(model)
+    if ptl is not None:  # a PTLNet, or the one a ReID model is built on
+        total, backbone = _param_count(ptl), _param_count(ptl.backbone)
+        # the overhead as the model table counts it: against the plain timm model with the same classes
+        plain = _param_count(timm.create_model(ptl.backbone_name, num_classes=ptl.num_classes))
+        info.update(params_backbone=backbone, params_plain=plain,
+                    ptl_overhead=f'{100.0 * (total - plain) / plain:+.1f} % parameters over {ptl.backbone_name} with '
+                                 f'the same {ptl.num_classes} classes (cells, fuses, the classifier\'s wider input)')
+    info.update(num_classes=model.num_classes, num_features=model.num_features)
+    if cells:
+        info.update(state_mode=cells[0].state_mode, cell_widths=list((ptl or model).cell_widths))
+    info['img_size'] = list(model.img_size)
+    if ptl is not None:
+        info['stages'] = _stages(ptl)
+    info['pretrained_cfg'] = {k: v for k, v in cfg.items() if k in (
+        'hf_hub_id', 'source', 'tag', 'input_size', 'interpolation', 'crop_pct', 'mean', 'std', 'num_classes',
+        'license', 'notes') and v is not None}
+    info['cells'] = len(cells)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return
@@ -236,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('export', help='a checkpoint to a Hub-ready folder (model.safetensors, config.json, README)')
     p.add_argument('checkpoint', help='train.py checkpoint (.pth.tar), a state_dict (.pth) or .safetensors')
     p.add_argument('directory', help='output folder')
-    _add_model_flags(p, "ptl_* model name (default: the checkpoint's 'arch')")
+    _add_model_flags(p, "registered model name (default: the checkpoint's 'arch')")
     _add_img_size(p, 'input size of the preprocessing recorded in config.json')
     p.add_argument('--label-names', help='text file, one class name per line')
     p.add_argument('--repo-id', help='Hub repo the folder is meant for (used in the model card)')
@@ -253,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('deploy', help='a checkpoint to ONNX, torch.export or TorchScript, the latent state baked in')
     p.add_argument('checkpoint', help='train.py checkpoint (.pth.tar), a state_dict (.pth) or .safetensors')
     p.add_argument('output', help='file to write: .onnx, .pt2 (torch.export) or .pt (TorchScript)')
-    _add_model_flags(p, "ptl_* model name (default: the checkpoint's 'arch')")
+    _add_model_flags(p, "registered model name (default: the checkpoint's 'arch')")
     _add_img_size(p, "input size of the exported graph (default: train.py's, else the model's data config)")
     p.add_argument('--format', choices=list(EXPORT_FORMATS), help='default: from the output suffix')
     p.add_argument('--no-check', action='store_true', help='skip the comparison with the PyTorch model')

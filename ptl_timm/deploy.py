@@ -1,4 +1,5 @@
-"""Export a ptl_* model for deployment: TorchScript, torch.export and ONNX, with the frozen latent state baked in.
+"""Export a model for deployment: TorchScript, torch.export and ONNX, with the frozen latent state baked in (any model
+ptl_timm registers: ``ptl_*``, MGN, ``reid_*``; any timm model too).
 
 A model in eval mode never writes its state: every forward reads the same dataset-level state, so for deployment
 the state is a constant of the graph, like BN running statistics. ONNX and torch.export graphs take images of one
@@ -69,9 +70,12 @@ def _input_size(model: nn.Module, input_size: Optional[Sequence[int]]) -> Tuple[
 
 
 def example_input(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch_size: int = 2) -> torch.Tensor:
-    """A (batch_size, C, H, W) example; ``input_size`` defaults to the model's data config (``pretrained_cfg``)."""
+    """A (batch_size, C, H, W) example on the model's device and in its dtype (the same numbers on every device);
+    ``input_size`` defaults to the model's data config (``pretrained_cfg``)."""
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(batch_size, *_input_size(model, input_size), generator=generator)
+    x = torch.randn(batch_size, *_input_size(model, input_size), generator=generator)
+    ref = next(model.parameters(), None)
+    return x if ref is None else x.to(device=ref.device, dtype=ref.dtype)
 
 
 def _batch_dim() -> torch.export.Dim:
@@ -195,6 +199,7 @@ def check_export(
         x = example_input(reference, input_size, batch_size)
         with torch.no_grad():
             expected, got = reference(x), run(x)
+        got = got.to(expected.device)  # onnxruntime answers on the CPU
         torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m, b=batch_size: f'batch {b}: {m}')
         worst = max(worst, (got - expected).abs().max().item())
     return worst
@@ -210,7 +215,7 @@ def deploy_checkpoint(
         img_size: Optional[Union[int, Tuple[int, int]]] = None,
         check: bool = True,
 ) -> Dict[str, Any]:
-    """Export the PTL model a checkpoint holds (``ptl_timm.hub.checkpoint.model_from_checkpoint``: a train.py
+    """Export the model a checkpoint holds (``ptl_timm.hub.checkpoint.model_from_checkpoint``: a train.py
     checkpoint names its model and arguments) for deployment, and check the file against it.
 
     The input size is ``img_size`` (H, W or one int), else the one train.py was run with, else the model's

@@ -307,7 +307,7 @@ def test_stage_fuse_is_the_1x1_conv_of_the_concatenation():
     fuse = StageFuse(6, 3, 4).eval()
     f, c = torch.randn(2, 6, 5, 5), torch.randn(2, 3, 5, 5)
     weight = torch.cat([fuse.feat_conv.weight, fuse.cell_conv.weight], dim=1)
-    torch.testing.assert_close(fuse(f, c), fuse.bn(torch.nn.functional.conv2d(torch.cat([f, c], 1), weight)))
+    torch.testing.assert_close(fuse(f, c), fuse.act(fuse.bn(torch.nn.functional.conv2d(torch.cat([f, c], 1), weight))))
 
 
 def test_cells_removed_is_the_ptl_model_with_zero_cell_maps(tmp_path):

@@ -160,3 +160,12 @@ def test_cli_rebuilds_the_model_a_train_py_checkpoint_describes_and_rejects_bad_
     # an error that names a library argument names its flag too
     main(['deploy', str(checkpoint), str(tmp_path / 'x.pt2'), '--ema'])
     assert '--ema for use_ema' in capsys.readouterr().err
+
+
+def test_export_follows_the_models_device(trained, device, tmp_path):
+    """The example input (and so the traced graph and its check) lives where the model lives."""
+    model = copy.deepcopy(trained).to(device)
+    x = example_input(model, INPUT_SIZE)
+    assert x.device == next(model.parameters()).device and x.dtype == next(model.parameters()).dtype
+    path = export_model(model, tmp_path / 'model.pt2', input_size=INPUT_SIZE)
+    assert check_export(model, path, input_size=INPUT_SIZE, rtol=1e-5, atol=1e-6) <= 1e-6

@@ -166,7 +166,7 @@ def test_export_refuses_wrong_settings_and_plain_backbone(exported, tmp_path):
     save_file(exported['model'].backbone.state_dict(), str(plain))
     with pytest.raises(HubError, match='plain backbone checkpoint'):
         export_checkpoint(plain, tmp_path / 'b', model_name=arch)
-    with pytest.raises(HubError, match='not a registered ptl_'):
+    with pytest.raises(HubError, match='not a model ptl_timm registers'):
         export_checkpoint(safe, tmp_path / 'c', model_name='resnet18')
 
 

@@ -1,4 +1,5 @@
-"""Reading checkpoints (train.py's, bare state_dicts, safetensors files) and rebuilding the PTL model one holds."""
+"""Reading checkpoints (train.py's, bare state_dicts, safetensors files) and rebuilding the model one holds (any model
+ptl_timm registers: PTLNet, MGN, ReIDNet)."""
 import argparse
 import hashlib
 import logging
@@ -10,9 +11,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models import split_model_name_tag
+from torch import nn
 
-from ..models.ptlnet import PTLNet, checkpoint_filter_fn
 from . import HubError
+from .kinds import checkpoint_filter, classifier_prefixes, is_registered, registered_models
 
 __all__ = ['file_sha256', 'corrupted_file_message', 'read_checkpoint', 'model_from_checkpoint', 'TRAIN_DATA_ARGS']
 
@@ -87,10 +89,12 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Tuple[Dict
     return clean, meta
 
 
-def _infer_model_args(state_dict: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+def _infer_model_args(state_dict: Dict[str, torch.Tensor], arch: str) -> Dict[str, Any]:
     """Arguments the tensors themselves tell: the classes of the head and the slots of a 'carried' state."""
-    args: Dict[str, Any] = dict(num_classes=state_dict['fc.weight'].shape[0] if 'fc.weight' in state_dict else 0)
-    slots = next((v.shape[0] for k, v in state_dict.items() if k.startswith('cells.') and k.endswith('.state')), 1)
+    weights = [state_dict.get(f'{prefix}weight') for prefix in classifier_prefixes(arch)]
+    args: Dict[str, Any] = dict(num_classes=weights[0].shape[0] if weights and weights[0] is not None else 0)
+    slots = next((v.shape[0] for k, v in state_dict.items()
+                  if k.endswith('.state') and f'{k}_frozen' in state_dict), 1)  # a BConvCell's state buffers
     if slots > 1:
         args.update(state_mode='carried', state_slots=slots)
     return args
@@ -106,35 +110,41 @@ def model_from_checkpoint(
         model_name: Optional[str] = None,
         use_ema: bool = False,
         model_kwargs: Optional[Dict[str, Any]] = None,
-) -> Tuple[PTLNet, Dict[str, Any]]:
-    """The PTL model a checkpoint (see :func:`read_checkpoint`) holds, in eval mode, and the checkpoint's metadata.
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model a checkpoint (see :func:`read_checkpoint`) holds, in eval mode, and the checkpoint's metadata: any
+    model ptl_timm registers (``ptl_*``, ``ptl_mgn_resnet50`` / ``mgn_resnet50``, ``reid_*``).
 
     The model is rebuilt from ``model_name`` (default: the checkpoint's ``arch``), the train.py arguments
     stored in the checkpoint, what the tensors tell (classes, slots of a 'carried' state) and ``model_kwargs``
-    (highest priority); the weights load through ``checkpoint_filter_fn`` (mismatching keys are listed).
+    (highest priority); the weights load through the model's checkpoint filter (mismatching keys are listed). The
+    checkpoint must hold every tensor of the model: a plain backbone checkpoint is refused, not completed with fresh
+    tensors.
     """
     state_dict, meta = read_checkpoint(checkpoint, use_ema=use_ema)
-    if not any(k.startswith('cells.') for k in state_dict):
-        raise HubError(f'{checkpoint} holds no PTL tensors (cells.*): a plain backbone checkpoint is not a PTL model. '
-                       "Load it into one with timm.create_model('ptl_X', pretrained=True, "
-                       "pretrained_cfg_overlay=dict(file=PATH)), fine-tune, then export.")
     train_args = meta.get('args') or {}
     model_name = model_name or meta.get('arch')
     if not model_name:
         raise HubError(f"{checkpoint} does not say which model it holds: pass model_name (e.g. 'ptl_resnet50').")
     arch = split_model_name_tag(model_name)[0]
-    if not arch.startswith('ptl_') or not timm.is_model(arch):
-        raise HubError(f'{arch!r} is not a registered ptl_* model; model_name must be one of: '
-                       f'{", ".join(timm.list_models("ptl_*"))} (registered by `import ptl_timm`).')
+    if not is_registered(arch):
+        raise HubError(f'{arch!r} is not a model ptl_timm registers; model_name must be one of: '
+                       f'{", ".join(registered_models())} (registered by `import ptl_timm`).')
     kwargs = {v: train_args[k] for k, v in _TRAIN_MODEL_ARGS.items() if train_args.get(k) is not None}
     kwargs.update(train_args.get('model_kwargs') or {})
-    kwargs.update(_infer_model_args(state_dict))
+    kwargs.update(_infer_model_args(state_dict, arch))
     kwargs.update(model_kwargs or {})
     model = timm.create_model(arch, pretrained=False, **kwargs)
+    missing = [k for k in model.state_dict() if k not in state_dict]
+    if missing:
+        raise HubError(
+            f'{checkpoint} lacks {len(missing)} of the {len(model.state_dict())} tensors of {arch} (e.g. '
+            f'{", ".join(missing[:3])}): it is not a full checkpoint of this model (a plain backbone checkpoint, or '
+            "another model's). Load a backbone checkpoint with timm.create_model(NAME, pretrained=True, "
+            'pretrained_cfg_overlay=dict(file=PATH)), fine-tune, then export; or pass the model_name and '
+            'model_kwargs it was trained with.')
     try:
-        model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=True)
+        model.load_state_dict(checkpoint_filter(model)(state_dict, model), strict=True)
     except ValueError as e:
         raise ValueError(f'{e}\nRebuild it with the settings it was trained with: model_kwargs=dict(img_size=64, '
                          '...).') from e
     return model.eval(), meta
-

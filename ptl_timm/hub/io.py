@@ -1,8 +1,9 @@
-"""Hugging Face Hub I/O of full PTL checkpoints: save, export from a checkpoint, load with actionable errors, push.
+"""Hugging Face Hub I/O of full checkpoints of every model ptl_timm registers (``ptl_*``, MGN, ``reid_*``): save,
+export from a checkpoint, load with actionable errors, push.
 
 ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)`` and ``timm.create_model('local-dir:PATH',
-pretrained=True)`` read ``config.json`` (timm passes ``model_args`` to the ``ptl_*`` entry point) and load
-the weights through ``ptl_timm.models.ptlnet.checkpoint_filter_fn``. :func:`load_model` is the same call with
+pretrained=True)`` read ``config.json`` (timm passes ``model_args`` to the registered entry point) and load
+the weights through the model's checkpoint filter. :func:`load_model` is the same call with
 errors that name the fix (offline cache miss, unregistered architecture, corrupted file).
 """
 import json
@@ -24,51 +25,32 @@ from timm.models import (
     save_for_hf,
     split_model_name_tag,
 )
+from torch import nn
 
-from ..layers import bconv_cells
-from ..models.ptlnet import PTLNet
 from . import HubError
 from .cache import cached_file, hub_weights_source, missing_weights_message, require_hub_files
 from .checkpoint import TRAIN_DATA_ARGS, corrupted_file_message, file_sha256, model_from_checkpoint
+from .kinds import backbone_name, has_cells, is_registered, model_args, registered_models
 from .manifest import WEIGHTS_NAME
 from .model_card import model_card
 
 __all__ = [
-    'ptl_model_args', 'save_pretrained', 'export_checkpoint', 'load_model', 'check_export_folder', 'push_folder',
+    'save_pretrained', 'export_checkpoint', 'load_model', 'check_export_folder', 'push_folder',
 ]
 
 
-def ptl_model_args(model: PTLNet) -> Dict[str, Any]:
-    """Arguments that rebuild ``model`` exactly, resolved from the model itself (not from defaults that a
-    later ptl_timm version may change): the cell widths, state rule and the grid the state is stored at."""
-    if not isinstance(model, PTLNet):
-        raise ValueError(f'Expected a PTLNet (a ptl_* model), got {type(model).__name__}.')
-    cell = next(bconv_cells(model))
-    args = dict(
-        cell_widths=list(model.cell_widths), state_mode=model.state_mode, img_size=list(model.img_size),
-        kernel_size=cell.conv.kernel_size[0], in_chans=model.in_chans, num_classes=model.num_classes,
-        global_pool=model.global_pool, cell_norm=isinstance(model.cell_norm, torch.nn.BatchNorm2d),
-    )
-    if model.state_mode == 'carried':
-        args['state_slots'] = cell.state.shape[0]
-    args['image_cells'] = bool(model.image_cells)
-    if model.cells_removed:
-        args['cells_removed'] = True
-    return args
-
-
-def _registered_architecture(model: PTLNet) -> str:
-    arch = model.pretrained_cfg.get('architecture') or f'ptl_{model.backbone_name}'
-    if not timm.is_model(arch):
+def _registered_architecture(model: nn.Module) -> str:
+    arch = model.pretrained_cfg.get('architecture')
+    if not arch or not is_registered(arch):
         raise ValueError(
-            f'{arch} is not a registered timm model (built with create_ptl_model around an unregistered backbone), '
-            'so timm could not rebuild it from config.json. Export a registered ptl_* model: '
-            f'{", ".join(timm.list_models("ptl_*"))}.')
+            f'{arch} is not a model ptl_timm registers (built with create_ptl_model or create_reid_model around an '
+            'unregistered backbone), so timm could not rebuild it from config.json. Export a registered model: '
+            f'{", ".join(registered_models())}.')
     return arch
 
 
 def save_pretrained(
-        model: PTLNet,
+        model: nn.Module,
         directory: Union[str, Path],
         data_config: Optional[Dict[str, Any]] = None,
         label_names: Optional[List[str]] = None,
@@ -78,7 +60,7 @@ def save_pretrained(
         training: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, str]:
     """Write ``model`` as a Hub-ready folder with timm's ``save_for_hf``: model.safetensors, config.json
-    (``model_args`` from :func:`ptl_model_args`) and README.md (:func:`model_card`, given ``repo_id`` and
+    (``model_args`` from :func:`ptl_timm.hub.kinds.model_args`) and README.md (:func:`model_card`, given ``repo_id`` and
     ``training``).
 
     ``data_config`` (input_size / img_size, mean, std, crop_pct, interpolation) describes the preprocessing
@@ -91,15 +73,16 @@ def save_pretrained(
     if data_config.get('input_size') is None and data_config.get('img_size') is None:
         data_config['input_size'] = (model.in_chans, *model.img_size)
     # the source tag and its notes describe the backbone weights the training started from, not this file
-    model_config: Dict[str, Any] = dict(pretrained_cfg=dict(
-        tag=None, notes=[notes or 'Full PTL checkpoint: backbone, BConv-Cells, head and latent state.']))
+    default_note = ('Full PTL checkpoint: backbone, BConv-Cells, head and latent state.' if has_cells(model) else
+                    'Full checkpoint: backbone and head.')
+    model_config: Dict[str, Any] = dict(pretrained_cfg=dict(tag=None, notes=[notes or default_note]))
     if license:
         model_config['pretrained_cfg']['license'] = license
     if label_names:
         if len(label_names) != model.num_classes:
             raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes.')
         model_config['label_names'] = list(label_names)
-    save_for_hf(model, str(directory), model_config=model_config, model_args=ptl_model_args(model),
+    save_for_hf(model, str(directory), model_config=model_config, model_args=model_args(model),
                 safe_serialization=True, data_config=data_config)
     config_path = directory / 'config.json'
     config = json.loads(config_path.read_text())
@@ -111,7 +94,8 @@ def save_pretrained(
     # passes num_classes=num_labels next to model_args, so a copy in model_args is a duplicate keyword there
     config['model_args'].pop('num_classes', None)
     config_path.write_text(json.dumps(config, indent=2) + '\n')
-    (directory / 'README.md').write_text(model_card(config, repo_id=repo_id, training=training))
+    (directory / 'README.md').write_text(model_card(config, repo_id=repo_id, training=training,
+                                                    backbone=backbone_name(model), cells=has_cells(model)))
     # safetensors writes its file owner-only (0600); a folder meant for sharing gets ordinary permissions
     _ordinary_permissions(directory / WEIGHTS_NAME)
     return {name: file_sha256(directory / name) for name in (WEIGHTS_NAME, 'config.json', 'README.md')}
@@ -162,10 +146,11 @@ def export_checkpoint(
 
 
 @torch.no_grad()
-def _verify_round_trip(model: PTLNet, directory: Path) -> None:
+def _verify_round_trip(model: nn.Module, directory: Path) -> None:
     """Load ``directory`` the way users will and demand bit-identical eval outputs (latent state included)."""
-    loaded = timm.create_model(f'local-dir:{directory}', pretrained=True).eval()
-    x = torch.randn(2, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    loaded = timm.create_model(f'local-dir:{directory}', pretrained=True).to(device).eval()
+    x = torch.randn(2, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(0)).to(device)
     if not torch.equal(model(x), loaded(x)):
         raise HubError(f'The export in {directory} does not reproduce the model exactly; please report this bug.')
 

@@ -17,12 +17,15 @@ def model_card(
         repo_id: Optional[str] = None,
         entry: Optional[Dict[str, Any]] = None,
         training: Optional[Dict[str, Any]] = None,
+        backbone: Optional[str] = None,
+        cells: bool = True,
 ) -> str:
     """Markdown model card (Hub front matter) of an export's ``config``; ``entry`` (a manifest entry) adds
     task, data, recipe, the reproducing command, measured results and licences; ``training`` notes the
-    checkpoint it came from."""
+    checkpoint it came from. ``backbone``: the timm backbone (default: a ``ptl_X`` manifest entry's X); ``cells``:
+    whether the model has BConv-Cells (MGN and the ``reid_*`` models over a plain backbone have none)."""
     arch = config['architecture']
-    backbone = arch[len('ptl_'):]
+    backbone = backbone or arch[len('ptl_'):]
     args = config.get('model_args', {})
     cfg = config.get('pretrained_cfg', {})
     name = repo_id or (entry['hf_hub_id'] if entry else arch)
@@ -39,7 +42,9 @@ def model_card(
         f'A Progressive Transfer Learning model (Yu et al., arXiv 1908.02492): timm `{backbone}` with a ladder of '
         'BConv-Cells whose latent state carries dataset-level information across training mini-batches. '
         'The checkpoint holds the backbone, the cells, the head and the latent state, so eval outputs are '
-        'reproduced exactly.', '',
+        'reproduced exactly.' if cells else
+        f'A model of ptl_timm on timm `{backbone}`, without BConv-Cells. The checkpoint holds every tensor, so eval '
+        'outputs are reproduced exactly.', '',
         '## Usage', '', '```python', 'import timm', 'import ptl_timm  # registers the ptl_* architectures', '',
         f"model = timm.create_model('hf-hub:{name}', pretrained=True).eval()",
     ]

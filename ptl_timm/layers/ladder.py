@@ -13,7 +13,6 @@ from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, ConvNormAct
 from torch import nn
 
 from .bconv_cell import BConvCell, stride_chain
@@ -22,6 +21,13 @@ __all__ = [
     'StageFuse', 'ConcatFuse', 'StageJoin', 'FuseLayer', 'LadderStage', 'Ladder', 'LadderMixin', 'build_ladder',
     'strided_grid', 'match_size',
 ]
+
+
+# The fuses normalise with a plain nn.BatchNorm2d (``bn``) and apply a separate ``act``, not timm's BatchNormAct2d
+# (a BatchNorm2d subclass with the activation inside): the BN-swapping utilities of other libraries
+# (torch.nn.SyncBatchNorm.convert_sync_batchnorm, the frozen-BN replacements of detection libraries) rebuild any
+# BatchNorm2d as a plain BN and would drop an activation held inside it. The state_dict keys are BatchNormAct2d's
+# (``bn.*``), so checkpoints written before load unchanged.
 
 
 class StageFuse(nn.Module):
@@ -38,27 +44,30 @@ class StageFuse(nn.Module):
         # no conv bias: the BN that follows cancels it (the reference code had one)
         self.feat_conv = nn.Conv2d(feat_chs, out_chs, 1, bias=False)
         self.cell_conv = nn.Conv2d(cell_chs, out_chs, 1, bias=False) if cell_chs else None
-        self.bn = BatchNormAct2d(out_chs)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = nn.ReLU(inplace=True)
 
     def forward(self, f: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.feat_conv(f)
         if self.cell_conv is not None:
             assert c is not None, 'this fuse joins a cell output: pass c'
             x = x + self.cell_conv(c)
-        return self.bn(x)
+        return self.act(self.bn(x))
 
 
-class ConcatFuse(ConvNormAct):
+class ConcatFuse(nn.Module):
     """The same function as :class:`StageFuse` with one conv over the materialised concatenation, as MGN_PTL
-    has it: its parameters are timm's ``ConvNormAct`` (``conv``, ``bn``), so MGN checkpoints keep their keys
+    has it: ``conv``, ``bn``, ``act`` as timm's ``ConvNormAct`` names them, so MGN checkpoints keep their keys
     and its initialisation its random numbers. Shapes as :class:`StageFuse`."""
 
     def __init__(self, feat_chs: int, cell_chs: int, out_chs: int):
-        super().__init__(feat_chs + cell_chs, out_chs, 1)
+        super().__init__()
+        self.conv = nn.Conv2d(feat_chs + cell_chs, out_chs, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = nn.ReLU(inplace=True)
 
     def forward(self, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # ConvNormAct's forward without anti-aliasing (there is none here), in a form TorchScript compiles
-        return self.bn(self.conv(torch.cat([f, c], dim=1)))
+        return self.act(self.bn(self.conv(torch.cat([f, c], dim=1))))
 
 
 class StageJoin(nn.Module):

@@ -5,18 +5,28 @@ import dataclasses
 import difflib
 import re
 import sys
+from collections import OrderedDict
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
+from timm.layers import Format
 from timm.models import FeatureGraphNet, get_arch_pretrained_cfgs, model_entrypoint, split_model_name_tag
-from timm.models._features import FeatureGetterNet, FeatureHookNet
+from timm.models._features import (
+    FeatureDictNet,
+    FeatureGetterNet,
+    FeatureHookNet,
+    FeatureListNet,
+    OutIndicesT,
+    _get_feature_info,
+)
 from torch import nn
 
 __all__ = [
     'as_tuple', 'check_model_name', 'backbone_filter_fn', 'derived_pretrained_cfgs', 'tagged_cfg',
-    'prefix_group_matcher', 'first_conv_prefixes', 'check_state_dict_fits', 'feature_model', 'set_feature_cfg',
+    'prefix_group_matcher', 'first_conv_prefixes', 'check_state_dict_fits', 'IntermediatesDictNet',
+    'IntermediatesListNet', 'feature_model', 'set_feature_cfg',
 ]
 
 # Names timm's model modules give the filter they pass to build_model_with_cfg as pretrained_filter_fn.
@@ -115,18 +125,91 @@ def check_state_dict_fits(
         raise ValueError(f'{what}:\n  {shown}\n{fix}')
 
 
+class IntermediatesDictNet(FeatureDictNet):
+    """timm's ``FeatureDictNet`` (what ``features_only=True, feature_cls='dict'`` gives a timm CNN) for a model whose
+    stages are not a chain of its children (a ladder beside a backbone): the maps come from the model's
+    ``forward_intermediates``, the interface is FeatureDictNet's.
+
+    As in timm's class: ``return_layers`` ({``feature_info`` module name: output key}) says which stages ``forward``
+    returns, and clients may change it (transformers' ``TimmBackbone`` asks for every stage with
+    ``output_hidden_states``); the stages after the last of ``out_indices`` are dropped (they are absent from the
+    output even if asked for); ``set_grad_checkpointing`` is the model's own. The model lives under ``model``.
+    Shapes: (B, C, H, W) -> {key: (B, C_k, H / r_k, W / r_k)}.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            out_indices: OutIndicesT = (0, 1, 2, 3, 4),
+            out_map: Optional[Sequence[Union[int, str]]] = None,
+            output_fmt: str = 'NCHW',
+            feature_concat: bool = False,
+            flatten_sequential: bool = False,
+    ):
+        nn.ModuleDict.__init__(self)
+        if Format(output_fmt) != Format.NCHW or feature_concat or flatten_sequential:
+            raise ValueError(f'{type(model).__name__} gives NCHW stage maps through forward_intermediates: '
+                             'output_fmt, feature_concat and flatten_sequential do not apply.')
+        out_indices = model.prune_intermediate_layers(out_indices, prune_head=True)
+        self.feature_info = _get_feature_info(model, out_indices)
+        self.output_fmt = Format(output_fmt)
+        self.concat = feature_concat
+        self.grad_checkpointing = False
+        # feature_info names a module per stage; the model keeps the stages up to the last one taken
+        self.stage_index = {info['module']: k for k, info in enumerate(self.feature_info.info)}
+        self.num_stages = max(out_indices) + 1
+        names = self.feature_info.module_name()
+        keys = out_map if out_map is not None else self.feature_info.out_indices
+        self.return_layers = {name: str(key) for name, key in zip(names, keys)}
+        self.model = model
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.model.set_grad_checkpointing(enable)
+
+    def _collect(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        taken = sorted((self.stage_index[name], key) for name, key in self.return_layers.items()
+                       if self.stage_index.get(name, self.num_stages) < self.num_stages)
+        if not taken:
+            return OrderedDict()
+        maps = self.model.forward_intermediates(
+            x, indices=[k for k, _ in taken], stop_early=True, intermediates_only=True)
+        return OrderedDict((key, m) for (_, key), m in zip(taken, maps))
+
+
+class IntermediatesListNet(IntermediatesDictNet, FeatureListNet):
+    """timm's ``FeatureListNet`` (``features_only=True``'s default for a timm CNN) for the same models as
+    :class:`IntermediatesDictNet`: the same interface, and a list of the maps in stage order.
+    Shapes: (B, C, H, W) -> [(B, C_k, H / r_k, W / r_k)]."""
+
+    def __init__(
+            self,
+            model: nn.Module,
+            out_indices: OutIndicesT = (0, 1, 2, 3, 4),
+            output_fmt: str = 'NCHW',
+            feature_concat: bool = False,
+            flatten_sequential: bool = False,
+    ):
+        super().__init__(model, out_indices, output_fmt=output_fmt, feature_concat=feature_concat,
+                         flatten_sequential=flatten_sequential)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return list(self._collect(x).values())
+
+
 def feature_model(
         model: nn.Module,
-        feature_cls: Union[str, Callable[..., nn.Module]] = 'getter',
+        feature_cls: Union[str, Callable[..., nn.Module]] = 'list',
         out_indices: Optional[Union[int, Sequence[int]]] = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """timm's ``features_only`` extractor ``feature_cls`` around ``model`` (every stage if ``out_indices`` is None).
+    """timm's ``features_only`` extractor ``feature_cls`` around ``model`` (every stage if ``out_indices`` is None):
+    the class timm gives its CNNs for the same ``feature_cls``.
 
     ``feature_info`` names, per stage, a module whose output is that stage's map (PTLNet's ``joins``), so the
-    hook and FX extractors return exactly the described maps. timm's ``list`` / ``dict`` extractors re-run a
-    model's children in sequence, which the ladder beside the backbone is not: they are served by hooks, with
-    the same output form (a list; a dict keyed by the stage index as text).
+    hook and FX extractors return exactly the described maps. timm's ``list`` / ``dict`` extractors (the default is
+    ``list``) re-run a model's children in sequence, which the ladder beside the backbone is not: they are
+    :class:`IntermediatesListNet` / :class:`IntermediatesDictNet`, timm's classes fed by ``forward_intermediates``.
     """
     if out_indices is None:
         out_indices = tuple(range(len(model.feature_info)))
@@ -137,11 +220,12 @@ def feature_model(
         return FeatureGetterNet(model, out_indices=out_indices, **kwargs)
     if name == 'fx':
         return FeatureGraphNet(model, out_indices=tuple(out_indices), **kwargs)
-    if 'hook' in name or name in ('list', 'dict'):
-        if name == 'dict':
-            indices = [out_indices] if isinstance(out_indices, int) else out_indices
-            kwargs = dict(return_dict=True, out_map=[str(i) for i in indices], **kwargs)
+    if 'hook' in name:
         return FeatureHookNet(model, out_indices=out_indices, **kwargs)
+    if name == 'list':
+        return IntermediatesListNet(model, out_indices=out_indices, **kwargs)
+    if name == 'dict':
+        return IntermediatesDictNet(model, out_indices=out_indices, **kwargs)
     raise ValueError(f"Unknown feature_cls {feature_cls!r}: use 'getter', 'list', 'dict', 'hook' or 'fx'.")
 
 
@@ -150,6 +234,6 @@ def set_feature_cfg(kwargs: Dict[str, Any]) -> None:
     arguments) to :func:`feature_model`, as the ``feature_cfg`` of ``build_model_with_cfg`` (in place)."""
     if kwargs.get('features_only') and 'feature_cfg' not in kwargs:
         kwargs['feature_cfg'] = dict(
-            feature_cls=partial(feature_model, feature_cls=kwargs.pop('feature_cls', 'getter')),
+            feature_cls=partial(feature_model, feature_cls=kwargs.pop('feature_cls', 'list')),
             out_indices=kwargs.pop('out_indices', None),
         )

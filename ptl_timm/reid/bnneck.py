@@ -1,7 +1,7 @@
 """BNNeck ReID models over any timm or ``ptl_*`` backbone, and the registered ``reid_*`` ones.
 
 ``reid_<backbone>`` (e.g. ``reid_ptl_resnet50``, ``reid_resnet50``) is the BNNeck global-feature model
-(Luo et al., "Bag of Tricks", 2019): pooled backbone feature -> BatchNorm (bias fixed at 0) -> linear
+(Luo et al., "Bag of Tricks", 2019): pooled backbone feature -> BatchNorm without a shift -> linear
 classifier without bias. Any other timm or ``ptl_*`` backbone: :func:`create_reid_model`.
 
 Outputs follow timm's conventions by default: ``model(x)`` gives the identity logits (B, num_classes), or the
@@ -47,18 +47,36 @@ REID_INPUT_SIZE = (3, 256, 128)
 
 
 class BNNeck(nn.BatchNorm1d):
-    """BNNeck's BatchNorm with its bias fixed at 0 (the embedding stays centred), over pooled features (B, D),
-    and at every position of unpooled maps (B, D, H, W) (``global_pool=''``), as the head norms of timm's CNNs.
-    Its state_dict has a BatchNorm1d's keys; the fixed bias is a buffer, not a parameter without gradient."""
+    """BNNeck's BatchNorm without a shift (the embedding stays centred), over pooled features (B, D), and at every
+    position of unpooled maps (B, D, H, W) (``global_pool=''``), as the head norms of timm's CNNs.
+
+    It has no bias at all (``bias`` is None, as a BatchNorm's parameter slot allows): nothing for an optimiser or
+    weight decay to move, a gradient for every parameter, and BN-swapping utilities
+    (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``) carry the missing bias over as they carry a parameter, so a
+    converted model has the same state_dict. Checkpoints of ptl_timm 0.1, which held the bias as a zero buffer
+    (``neck.bias``), load: a zero ``bias`` is accepted and dropped, any other is an error."""
 
     def __init__(self, num_features: int, **kwargs: Any):
         super().__init__(num_features, **kwargs)
-        bias = self.bias.detach()
         del self.bias
-        self.register_buffer('bias', bias)
+        self.register_parameter('bias', None)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.ones_(self.weight)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         _check_neck_input(input)
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict[str, Any],
+                              strict: bool, missing_keys: List[str], unexpected_keys: List[str],
+                              error_msgs: List[str]) -> None:
+        bias = state_dict.pop(prefix + 'bias', None)
+        if bias is not None and bool(torch.as_tensor(bias).any()):
+            error_msgs.append(f'{prefix}bias: BNNeck has no shift, but the checkpoint holds a non-zero bias (it comes '
+                              'from a BatchNorm with a trained bias, not from a BNNeck).')
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 # shape tests: one call each in an FX graph (any tracer), run on real tensors
@@ -78,7 +96,7 @@ def _check_neck_input(x: torch.Tensor) -> None:
 class ReIDNet(nn.Module):
     """BNNeck global-feature ReID model over any timm or ``ptl_*`` backbone.
 
-    pooled feature f (B, D) -> BN (bias fixed at 0) -> embedding (B, D) -> linear (no bias) -> logits.
+    pooled feature f (B, D) -> BN (no shift) -> embedding (B, D) -> linear (no bias) -> logits.
     The triplet loss sees f, the cross-entropy the logits, retrieval the embedding.
 
     Args:
@@ -238,6 +256,8 @@ def reid_checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ReIDNe
             keys = bb.state_dict()
             state_dict = {k: v for k, v in state_dict.items() if k in keys}  # drops the ImageNet classifier
         state_dict = {f'backbone.{k}': v for k, v in state_dict.items()}
+    elif isinstance(model.neck, BNNeck) and 'neck.bias' in state_dict and not state_dict['neck.bias'].any():
+        state_dict = {k: v for k, v in state_dict.items() if k != 'neck.bias'}  # ptl_timm 0.1's zero buffer
     return fit_checkpoint(state_dict, model, ('neck.', 'classifier.'), first_conv_prefixes(model) + ('classifier.',),
                           'ReID' if is_reid else f'plain {model.backbone_name}')
 

@@ -345,7 +345,7 @@ class MGN(LadderMixin, nn.Module):
             pooled.append(m.amax(dim=(2, 3)))
             if stripes:
                 _check_rows(m, stripes)
-                rows = F.adaptive_max_pool2d(m, (stripes, 1)).flatten(2)
+                rows = _stripe_max(m, stripes)
                 for i in range(stripes):
                     pooled.append(rows[:, :, i])
         return pooled
@@ -398,6 +398,17 @@ def _check_rows(m: torch.Tensor, stripes: int) -> None:
     if m.shape[2] < stripes:
         raise ValueError(f'A {m.shape[2]}-row map cannot give {stripes} stripes: the input is too small (use at '
                          f'least {16 * stripes} px high).')
+
+
+@torch.fx.wrap  # shape arithmetic: one call in an FX graph, run on real tensors
+def _stripe_max(m: torch.Tensor, stripes: int) -> torch.Tensor:
+    """The max of each of ``stripes`` horizontal stripes of ``m`` (B, C, H, W), top to bottom: (B, C, stripes). The
+    windows of ``adaptive_max_pool2d(m, (stripes, 1))``, taken as slices: ONNX has no adaptive max pooling."""
+    h = m.shape[2]
+    out: List[torch.Tensor] = []
+    for i in range(stripes):
+        out.append(m[:, :, (i * h) // stripes:-(-(i + 1) * h // stripes)].amax(dim=(2, 3)))
+    return torch.stack(out, dim=2)
 
 
 def _check_pool(global_pool: str) -> None:

@@ -22,10 +22,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _normalise(x: torch.Tensor, size: Tuple[int, int], mean: Sequence[float], std: Sequence[float],
-               antialias: bool) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, *size), resized bilinearly and normalised (as ``to_model_input``)."""
-    x = x.float().div_(255).permute(0, 3, 1, 2)
-    if tuple(x.shape[-2:]) != tuple(size) or antialias:
+               antialias: Optional[bool]) -> torch.Tensor:
+    """uint8 (B, H, W, 3), or grey (B, H, W) repeated on 3 channels -> float (B, 3, *size), resized bilinearly
+    (``antialias`` None: not at all) and normalised, as ``ptl_timm.offline.datasets.to_model_input``."""
+    x = x.float().div_(255)
+    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    if antialias is not None:
         x = F.interpolate(x, size=size, mode='bilinear', align_corners=False, antialias=antialias)
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
@@ -48,18 +50,22 @@ class ImageTable(torch.utils.data.Dataset):
 
 
 class ArrayTable(ImageTable):
-    """Images held as a uint8 array (N, S, S, 3), resized with antialiasing."""
+    """Images held as a uint8 array, RGB (N, H, W, 3) or grey (N, H, W), resized bilinearly (``antialias`` as
+    ``F.interpolate``'s)."""
 
     def __init__(self, images: np.ndarray, pids: Sequence[int], camids: Sequence[int], size: Tuple[int, int],
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, antialias: bool = True):
         super().__init__(pids, camids, size, mean, std)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) != len(self.pids):
-            raise ValueError(f'Expected uint8 images (N, H, W, 3) with N = {len(self.pids)} identities, got '
-                             f'{images.dtype} {images.shape}.')
+        rgb = images.ndim == 4 and images.shape[-1] == 3
+        if not (rgb or images.ndim == 3) or images.dtype != np.uint8 or len(images) != len(self.pids):
+            raise ValueError(f'Expected uint8 images (N, H, W, 3) or (N, H, W) with N = {len(self.pids)} '
+                             f'identities, got {images.dtype} {images.shape}.')
         self.images = images
+        self.antialias = antialias
 
     def __getitem__(self, indices: Sequence[int]) -> torch.Tensor:
-        return _normalise(torch.from_numpy(self.images[list(indices)]), self.size, self.mean, self.std, True)
+        return _normalise(torch.from_numpy(self.images[list(indices)]), self.size, self.mean, self.std,
+                          self.antialias)
 
 
 class FolderTable(ImageTable):
@@ -79,7 +85,7 @@ class FolderTable(ImageTable):
 
     def __getitem__(self, indices: Sequence[int]) -> torch.Tensor:
         batch = np.stack([self._read(self.paths[i]) for i in indices])
-        return _normalise(torch.from_numpy(batch), self.size, self.mean, self.std, False)
+        return _normalise(torch.from_numpy(batch), self.size, self.mean, self.std, None)  # resized on reading
 
 
 @dataclass

@@ -225,7 +225,8 @@ def train_reid(cfg: ReIDTrainConfig, data: ReIDData, resume: Optional[Path] = No
     """Train ``cfg.model`` on ``data`` with the recipe; returns the model (eval mode, unwrapped), the last
     evaluation (``metrics``), ``train_s``, ``steps``, ``final_loss`` (mean of the last 20 steps) and ``history``.
 
-    ``resume``: a checkpoint of an earlier run of the same config, continued bit-exactly from its epoch.
+    ``last_loss`` is the last step's loss. ``resume``: a checkpoint of an earlier run of the same config, continued
+    bit-exactly from its epoch.
     ``on_epoch(epoch, record)``: called on every rank after each epoch (1-based) with its loss and metrics.
     Under ``torchrun`` (a process group started by the caller), only rank 0 evaluates and writes.
     """
@@ -323,7 +324,8 @@ def train_reid(cfg: ReIDTrainConfig, data: ReIDData, resume: Optional[Path] = No
         progress.close()
     model.eval()
     return dict(model=model, metrics=metrics, train_s=time.time() - t0, steps=steps, history=history,
-                final_loss=float(np.mean(losses[-20:])) if losses else float('nan'), criterion=criterion)
+                final_loss=float(np.mean(losses[-20:])) if losses else float('nan'),
+                last_loss=losses[-1] if losses else float('nan'), criterion=criterion)
 
 
 def _float(v: Any) -> Any:

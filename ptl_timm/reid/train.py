@@ -128,12 +128,18 @@ def create_model(cfg: ReIDTrainConfig, num_classes: int) -> nn.Module:
     kwargs.setdefault('img_size', tuple(cfg.img_size))
     if cfg.pretrained and cfg.pretrained_file:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(cfg.pretrained_file))
+    not_reid = ValueError(f'{cfg.model} is not a ReID model of ptl_timm (reid_*, mgn_resnet50, ptl_mgn_resnet50): '
+                          'the recipe needs its ReIDOutput; for a backbone X use reid_X (create_reid_model).')
     torch.manual_seed(cfg.seed)
-    model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, reid_output=True,
-                              **kwargs)
+    try:
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, reid_output=True,
+                                  **kwargs)
+    except TypeError as e:
+        if 'reid_output' in str(e):
+            raise not_reid from e
+        raise
     if not hasattr(model, 'forward_reid_head'):
-        raise ValueError(f'{cfg.model} is not a ReID model of ptl_timm (reid_*, mgn_resnet50, ptl_mgn_resnet50): '
-                         'train-reid needs its ReIDOutput; wrap a backbone with reid_<backbone>.')
+        raise not_reid
     model = model.to(cfg.device)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 

@@ -28,8 +28,8 @@ against ``bounding_box_test`` with flip-averaged features (mAP, CMC, mINP; with 
 
     python benchmarks/reid_retrieval.py --data /data/Market-1501-v15.09.15 --model ptl_mgn_resnet50 --device cuda
     # the same, the package's command: ptl-timm train-reid DATA --model ptl_mgn_resnet50 --optimizer adam --lr 2e-4
-    #   --schedule step --milestones 320 360 --epochs 400 --p 4 --k 4 --margin 1.2 --label-smoothing 0 --memory
-    #   --flip-test --img-size 384 128
+    #   --schedule step --milestones 320 360 --epochs 400 --ids-per-batch 4 --num-instances 4 --margin 1.2
+    #   --label-smoothing 0 --memory --flip-test --img-size 384 128
     python benchmarks/reid_retrieval.py --data /data/DukeMTMC-reID --dataset dukemtmc --model mgn_resnet50
 """
 import argparse

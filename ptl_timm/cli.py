@@ -320,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrained-file', help='weights file of the pretrained backbone (an offline copy)')
     _add_img_size(p, 'training and test image size (default: 256 128, the emoji set: 64)')
     p.add_argument('--epochs', type=int, default=60)
-    p.add_argument('--p', type=int, default=16, help='identities per batch')
-    p.add_argument('--k', type=int, default=4, help='images per identity')
+    # not --p / --k: torchrun reads every flag of the command line and --p is a prefix of its own
+    p.add_argument('--ids-per-batch', type=int, default=16, metavar='P', help='identities per batch (P)')
+    p.add_argument('--num-instances', type=int, default=4, metavar='K', help='images per identity (K)')
     p.add_argument('--optimizer', default='adamw', choices=('adamw', 'adam'))
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--weight-decay', type=float, default=5e-4)

@@ -22,7 +22,8 @@ from ptl_timm.reid import read_reid_data, train_reid
 from ptl_timm.reid.train import config_from_args, load_training_checkpoint
 
 SIZE = ['64', '32']
-BASE = ['--img-size', *SIZE, '--p', '3', '--k', '2', '--no-pretrained', '--no-progress', '--lr', '0.01']
+BASE = ['--img-size', *SIZE, '--ids-per-batch', '3', '--num-instances', '2', '--no-pretrained', '--no-progress',
+        '--lr', '0.01']
 MODELS = {
     'plain': ['--model', 'reid_resnet18'],
     'control': ['--model', 'reid_ptl_resnet18', '--model-kwargs', 'cells_removed=True'],
@@ -117,7 +118,7 @@ def test_train_reid_on_an_emoji_subset(tmp_path, monkeypatch):
     monkeypatch.setenv('PTL_TIMM_CACHE', str(tmp_path / 'cache'))
     out = tmp_path / 'run'
     assert main(['train-reid', str(root), '--dataset', 'emoji', '--model', 'reid_ptl_resnet18', '--img-size', '32',
-                 '--p', '4', '--k', '2', '--epochs', '1', '--no-pretrained', '--no-progress',
+                 '--ids-per-batch', '4', '--num-instances', '2', '--epochs', '1', '--no-pretrained', '--no-progress',
                  '--output', str(out)]) == 0
     m = json.loads((out / 'metrics.json').read_text())['metrics']
     assert 0 < m['mAP'] <= 100 and set(m['per_camera']) == {'0', '1', '2', '3'}

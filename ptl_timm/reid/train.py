@@ -373,9 +373,9 @@ def config_from_args(args: Any) -> ReIDTrainConfig:
     size = parse_size(args.img_size) if args.img_size else ((64, 64) if emoji else (256, 128))
     return ReIDTrainConfig(
         model=args.model, model_kwargs=dict(args.model_kwargs), pretrained=args.pretrained,
-        pretrained_file=args.pretrained_file, img_size=size, epochs=args.epochs, p=args.p, k=args.k,
-        optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
-        warmup=args.warmup, milestones=tuple(args.milestones), margin=args.margin,
+        pretrained_file=args.pretrained_file, img_size=size, epochs=args.epochs, p=args.ids_per_batch,
+        k=args.num_instances, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+        schedule=args.schedule, warmup=args.warmup, milestones=tuple(args.milestones), margin=args.margin,
         label_smoothing=args.label_smoothing, erasing=args.erasing, memories=tuple(args.memory),
         identity_momentum=args.identity_momentum, temperature=args.temperature, xbm_size=args.xbm_size,
         seed=args.seed, amp=args.amp, compile=args.compile, device=args.device, workers=args.workers,

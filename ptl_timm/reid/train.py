@@ -229,10 +229,10 @@ def _config_args(cfg: ReIDTrainConfig, num_classes: int) -> Dict[str, Any]:
 def train_reid(cfg: ReIDTrainConfig, data: ReIDData, resume: Optional[Path] = None,
                on_epoch: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Train ``cfg.model`` on ``data`` with the recipe; returns the model (eval mode, unwrapped), the last
-    evaluation (``metrics``), ``train_s``, ``steps``, ``final_loss`` (mean of the last 20 steps) and ``history``.
+    evaluation (``metrics``), ``train_s``, ``steps``, ``final_loss`` (mean of the last 20 steps), ``last_loss``,
+    ``history`` (one record per epoch) and ``criterion`` (the loss with its memories).
 
-    ``last_loss`` is the last step's loss. ``resume``: a checkpoint of an earlier run of the same config, continued
-    bit-exactly from its epoch.
+    ``resume``: a checkpoint of an earlier run of the same config, continued bit-exactly from its epoch.
     ``on_epoch(epoch, record)``: called on every rank after each epoch (1-based) with its loss and metrics.
     Under ``torchrun`` (a process group started by the caller), only rank 0 evaluates and writes.
     """
@@ -274,7 +274,7 @@ def train_reid(cfg: ReIDTrainConfig, data: ReIDData, resume: Optional[Path] = No
         sampler.epoch = start_epoch
     elif any(isinstance(m, IdentityMemory) for m in memories):
         # the identity memory starts at every identity's mean embedding under the initial model
-        feats = embed_table(model, data.train, cfg)
+        feats = embed_table(model, data.train, dataclasses.replace(cfg, flip_test=False))
         centroids = identity_centroids(feats, torch.from_numpy(data.train.pids), data.num_classes)
         for m in memories:
             if isinstance(m, IdentityMemory):

@@ -5,10 +5,11 @@ classes (identity classifier + batch-hard triplet, P x K batches, as in ReID) an
 gallery of the other, unseen classes for each query (mAP, rank-1 with ``ptl_timm.reid.evaluate``; queries
 come from "camera 0", the gallery from "camera 1", so no same-camera exclusion applies).
 
-Variants (BNNeck ReID head, same recipe, data order and augmentation for all):
+Variants (BNNeck ReID head, same recipe, data order and augmentation for all; trained by the package's one ReID
+training loop, ``ptl_timm.reid.train_reid``, with flip as the only augmentation and no memory):
 
 - ``plain``: ``reid_mobilenetv2_100`` (the timm backbone alone).
-- ``control``: ``reid_ptl_mobilenetv2_100`` with the last cell's output replaced by zeros, so the cells
+- ``control``: ``reid_ptl_mobilenetv2_100`` with ``cells_removed=True``: zero cell maps, so the cells
   contribute nothing but the model, head, initialisation and optimiser are the PTL model's.
 - ``ptl``: ``reid_ptl_mobilenetv2_100``.
 - ``imagenet``: ``plain`` without any training (ImageNet features + a fresh BN), the floor to beat.
@@ -26,13 +27,15 @@ flip + random erasing, triplet margin 1.2 + CE, 400 epochs with steps at 320 and
 against ``bounding_box_test`` with flip-averaged features (mAP, CMC, mINP; with and without re-ranking)::
 
     python benchmarks/reid_retrieval.py --data /data/Market-1501-v15.09.15 --model ptl_mgn_resnet50 --device cuda
+    # the same, the package's command: ptl-timm train-reid DATA --model ptl_mgn_resnet50 --optimizer adam --lr 2e-4
+    #   --schedule step --milestones 320 360 --epochs 400 --ids-per-batch 4 --num-instances 4 --margin 1.2
+    #   --label-smoothing 0 --memory --flip-test --img-size 384 128
     python benchmarks/reid_retrieval.py --data /data/DukeMTMC-reID --dataset dukemtmc --model mgn_resnet50
 """
 import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -44,8 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import core_hash, environment  # noqa: E402
 
-from ptl_timm.offline.datasets import to_model_input  # noqa: E402
-from ptl_timm.reid import PKBatchSampler, ReIDLoss, evaluate  # noqa: E402  (importing registers the models)
+from ptl_timm.reid import (  # noqa: E402  (importing registers the models)
+    ArrayTable,
+    ReIDData,
+    ReIDTrainConfig,
+    create_model,
+    evaluate,
+    train_reid,
+)
+from ptl_timm.reid.train import embed_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = ('imagenet', 'plain', 'control', 'ptl')
@@ -56,7 +66,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def load_task(task: str) -> Tuple[np.ndarray, np.ndarray]:
     """Grey uint8 images (N, 28, 28) and class labels."""
-    from ptl_timm.offline import datasets as data
+    from ptl_timm.data import offline as data
 
     if task == 'animal':
         return data.load_animal_mnist()
@@ -82,60 +92,40 @@ def split(labels: np.ndarray, args: argparse.Namespace, seed: int) -> Dict[str, 
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def build(variant: str, num_classes: int, img_size: int) -> torch.nn.Module:
+def recipe(variant: str, args: argparse.Namespace, seed: int) -> ReIDTrainConfig:
+    """The package's recipe with this benchmark's settings: flip only, no memory, inputs as given."""
     from ptl_timm.offline.weights import offline_weights_file
 
     path = offline_weights_file('mobilenetv2_100')
-    model = timm.create_model(MODELS[variant], pretrained=True, num_classes=num_classes, reid_output=True,
-                              img_size=(img_size, img_size), pretrained_cfg_overlay=dict(file=str(path)))
-    if variant == 'control':
-        # the ladder's only way out is the last cell: zero it and the cells contribute nothing
-        model.backbone.cells[-1].register_forward_hook(lambda m, i, o: torch.zeros_like(o))
-    return model
-
-
-@torch.no_grad()
-def embed(model: torch.nn.Module, x: torch.Tensor, batch: int = 128) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[s:s + batch]) for s in range(0, len(x), batch)])
+    return ReIDTrainConfig(
+        model=MODELS[variant], model_kwargs=dict(cells_removed=True) if variant == 'control' else {},
+        pretrained_file=str(path), img_size=(args.img_size, args.img_size), epochs=args.epochs, p=args.p, k=args.k,
+        lr=args.lr, weight_decay=args.weight_decay, margin=args.margin, erasing=0.0, memories=(), seed=seed,
+        channels_last=False, eval_batch=128, progress=False)
 
 
 def run_one(images: np.ndarray, labels: np.ndarray, variant: str, seed: int, args: argparse.Namespace
             ) -> Dict[str, Any]:
     idx = split(labels, args, seed)
-    y_train = torch.from_numpy(np.unique(labels[idx['train']], return_inverse=True)[1])
-    x_train = to_model_input(images[idx['train']], args.img_size, MEAN, STD)
-    torch.manual_seed(seed)
-    model = build(variant, int(y_train.max()) + 1, args.img_size)
-    sampler = PKBatchSampler(y_train.tolist(), args.p, args.k, seed=seed)
-    steps = 0 if variant == 'imagenet' else args.epochs * len(sampler)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(1, steps), pct_start=0.15)
-    criterion = ReIDLoss(margin=args.margin, label_smoothing=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    model.train()
-    loss = torch.zeros(())
-    for _ in range(args.epochs if steps else 0):
-        for batch in sampler:
-            x = x_train[batch]
-            flip = torch.rand(len(batch), generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            loss = criterion(model(x), y_train[batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    train_s = time.time() - t0
-    q = embed(model, to_model_input(images[idx['query']], args.img_size, MEAN, STD))
-    g = embed(model, to_model_input(images[idx['gallery']], args.img_size, MEAN, STD))
-    q_pids, g_pids = labels[idx['query']], labels[idx['gallery']]
-    q_cams, g_cams = np.zeros(len(q)), np.ones(len(g))
-    res = evaluate(q, g, q_pids, g_pids, q_cams, g_cams)
-    rr = evaluate(q, g, q_pids, g_pids, q_cams, g_cams, rerank=True)
+    y_train = np.unique(labels[idx['train']], return_inverse=True)[1]
+    size = (args.img_size, args.img_size)
+    tables = {k: ArrayTable(images[idx[k]], y_train if k == 'train' else labels[idx[k]],
+                            np.zeros(len(idx[k])) if k != 'gallery' else np.ones(len(idx[k])), size, MEAN, STD,
+                            antialias=False) for k in ('train', 'query', 'gallery')}
+    data = ReIDData(tables['train'], tables['query'], tables['gallery'])
+    cfg = recipe(variant, args, seed)
+    if variant == 'imagenet':
+        model, train_s, steps, loss = create_model(cfg, data.num_classes), 0.0, 0, 0.0
+    else:
+        result = train_reid(cfg, data)
+        model, train_s, steps, loss = result['model'], result['train_s'], result['steps'], result['last_loss']
+    q, g = embed_table(model, data.query, cfg), embed_table(model, data.gallery, cfg)
+    ids = (data.query.pids, data.gallery.pids, data.query.camids, data.gallery.camids)
+    res = evaluate(q, g, *ids)
+    rr = evaluate(q, g, *ids, rerank=True)
     return dict(task=args.task, variant=variant, seed=seed, mAP=100 * res.mAP, rank1=100 * res.rank1,
                 mINP=100 * res.mINP, mAP_rerank=100 * rr.mAP, rank1_rerank=100 * rr.rank1, train_s=train_s,
-                steps=steps, final_loss=loss.item(), settings=settings(args), core=core_hash())
+                steps=steps, final_loss=loss, settings=settings(args), core=core_hash())
 
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -190,59 +180,20 @@ def report(records: List[Dict[str, Any]]) -> str:
 
 
 def run_real(args: argparse.Namespace) -> None:
-    """Train and evaluate on a real ReID dataset (Market-1501, DukeMTMC-reID, MSMT17) with the paper's recipe."""
-    from torch.utils.data import DataLoader
-    from torchvision.transforms import v2 as T
+    """Train and evaluate on a real ReID dataset (Market-1501, DukeMTMC-reID, MSMT17) with the PTL paper's recipe,
+    through the package's training loop (``ptl-timm train-reid`` with these settings)."""
+    from ptl_timm.reid import read_reid_data
 
-    from ptl_timm.reid import ReIDDataset, read_dukemtmc, read_market1501, read_msmt17
-    from ptl_timm.reid.extract import flip_embed
-
-    reader = dict(market1501=read_market1501, dukemtmc=read_dukemtmc, msmt17=read_msmt17)[args.dataset]
-    splits = reader(args.data)
-    print(f'{args.dataset}: {splits.describe()}', flush=True)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=splits.num_train_pids,
-                              reid_output=True).to(device)
-    size = model.pretrained_cfg['input_size'][1:]
-    norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True),
-            T.Normalize(model.pretrained_cfg['mean'], model.pretrained_cfg['std'])]
-    train_tf = T.Compose([T.Resize(size), T.RandomHorizontalFlip(), *norm, T.RandomErasing(p=0.5, value=0)])
-    test_tf = T.Compose([T.Resize(size), *norm])
-    train_ds = ReIDDataset(splits.train, train_tf)
-    loader = DataLoader(train_ds, batch_sampler=PKBatchSampler(train_ds.pids, args.p, args.k),
-                        num_workers=args.workers)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, amsgrad=True)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.milestones, gamma=0.1)
-    criterion = ReIDLoss(margin=args.margin, label_smoothing=0.0)
-
-    @torch.no_grad()
-    def features(samples):
-        dl = DataLoader(ReIDDataset(samples, test_tf), batch_size=64, num_workers=args.workers)
-        model.eval()
-        return torch.cat([flip_embed(model, x.to(device)).cpu() for x, _, _ in dl])
-
-    def score(epoch: int) -> None:
-        q, g = features(splits.query), features(splits.gallery)
-        ids = ([s.pid for s in splits.query], [s.pid for s in splits.gallery],
-               [s.camid for s in splits.query], [s.camid for s in splits.gallery])
-        for rerank in (False, True):
-            r = evaluate(q, g, *ids, rerank=rerank).summary()
-            print(f'epoch {epoch} {"re-ranked " if rerank else ""}' +
-                  ' '.join(f'{k} {v:.2f}' for k, v in r.items()), flush=True)
-
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        for x, pids, _ in loader:
-            loss = criterion(model(x.to(device)), pids.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        sched.step()
-        print(f'epoch {epoch} loss {loss.item():.4f}', flush=True)
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            score(epoch)
-            torch.save(model.state_dict(), args.checkpoint)
+    cfg = ReIDTrainConfig(
+        model=args.model, pretrained=args.pretrained, img_size=tuple(timm.get_pretrained_cfg(
+            args.model).input_size[1:]), epochs=args.epochs, p=args.p, k=args.k, optimizer='adam', lr=args.lr,
+        weight_decay=args.weight_decay, schedule='step', milestones=tuple(args.milestones), margin=args.margin,
+        label_smoothing=0.0, memories=(), device=args.device, workers=args.workers, eval_every=args.eval_every,
+        flip_test=True, output=str(args.checkpoint.parent / args.checkpoint.stem))
+    data = read_reid_data(args.data, cfg.img_size, args.dataset)
+    print(data.describe(), flush=True)
+    result = train_reid(cfg, data)
+    print(' '.join(f'{k} {v:.2f}' for k, v in result['metrics'].items()), flush=True)
 
 
 def main() -> None:
@@ -275,7 +226,8 @@ def main() -> None:
     real.add_argument('--eval-every', type=int, default=50)
     real.add_argument('--workers', type=int, default=4)
     real.add_argument('--device', default='cpu')
-    real.add_argument('--checkpoint', type=Path, default=Path('reid_model.pth'))
+    real.add_argument('--checkpoint', type=Path, default=Path('reid_model.pth'),
+                      help='its stem names the folder of the checkpoint (last.pth.tar)')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     real = args.data is not None

@@ -5,12 +5,16 @@ mode; :class:`ReIDLoss` takes it with the identity targets::
 
     out = model(images)                     # train mode
     loss = ReIDLoss(margin=1.2)(out, pids)  # mean CE over out.logits + mean triplet over out.features
+
+Cross-batch memories (:mod:`ptl_timm.reid.memory`) add their terms: ``ReIDLoss(memories=[IdentityMemory(...)])``.
 """
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .memory import memory_input
 
 __all__ = ['ReIDOutput', 'batch_hard_triplet_loss', 'TripletLoss', 'ReIDLoss']
 
@@ -79,15 +83,19 @@ class ReIDLoss(nn.Module):
         margin: triplet margin (the PTL paper: 1.2 for MGN; 0.3 is common for BNNeck models).
         label_smoothing: of the cross-entropy (0.1 in the BNNeck recipe).
         ce_weight, triplet_weight: loss weights (0 disables a term).
+        memories: cross-batch memories (:class:`~ptl_timm.reid.memory.IdentityMemory`,
+            :class:`~ptl_timm.reid.memory.XBMemory`), each adding its loss on the output field it reads, in this
+            order; their state is part of this module's ``state_dict`` (``memories.<i>.``).
     """
 
     def __init__(self, margin: Optional[float] = 0.3, label_smoothing: float = 0.1, ce_weight: float = 1.0,
-                 triplet_weight: float = 1.0, normalize: bool = False):
+                 triplet_weight: float = 1.0, normalize: bool = False, memories: Sequence[nn.Module] = ()):
         super().__init__()
         self.ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.triplet = TripletLoss(margin, normalize)
         self.ce_weight = ce_weight
         self.triplet_weight = triplet_weight
+        self.memories = nn.ModuleList(memories)
 
     def forward(self, output: ReIDOutput, targets: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, ReIDOutput):
@@ -99,4 +107,6 @@ class ReIDLoss(nn.Module):
             loss = loss + self.ce_weight * torch.stack([self.ce(lg, targets) for lg in output.logits]).mean()
         if self.triplet_weight:
             loss = loss + self.triplet_weight * torch.stack([self.triplet(f, targets) for f in output.features]).mean()
+        for memory in self.memories:
+            loss = loss + memory(memory_input(memory, output), targets)
         return loss

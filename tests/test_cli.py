@@ -13,6 +13,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file
 
 import ptl_timm  # noqa: F401
+import ptl_timm_cli
 from ptl_timm import cli
 from ptl_timm.hub.checkpoint import file_sha256
 from ptl_timm.hub.io import export_checkpoint
@@ -155,9 +156,24 @@ def test_one_meaning_per_flag_across_commands():
     assert not {'zoo', 'manifest-table'} & set(subparsers), 'maintainer commands live in weights/zoo.py'
     flags = {name: {opt: a for a in p._actions for opt in a.option_strings} for name, p in subparsers.items()}
     for command in ('export', 'deploy', 'extract'):
-        assert isinstance(flags[command]['--model-kwargs'], cli.ModelKwargs), command
+        assert isinstance(flags[command]['--model-kwargs'], ptl_timm_cli.ModelKwargs), command
         assert flags[command]['--ema'].const is True and flags[command]['--img-size'].nargs == '+', command
-    assert isinstance(flags['info']['--model-kwargs'], cli.ModelKwargs)
+    assert isinstance(flags['info']['--model-kwargs'], ptl_timm_cli.ModelKwargs)
     assert not any(opt == '--use-ema' for command in flags.values() for opt in command)
     with pytest.raises(SystemExit):
         parser.parse_args(['info', 'ptl_resnet18', '--model-kwargs', 'no_value'])
+
+
+def test_the_parser_answers_without_torch_and_names_the_packages_choices():
+    """`ptl-timm -h` parses before anything imports torch; its choices are the package's own."""
+    from ptl_timm.deploy import EXPORT_FORMATS
+    from ptl_timm.launch import SCRIPT_NAMES
+
+    assert set(ptl_timm_cli.EXPORT_FORMATS) == set(EXPORT_FORMATS)
+    assert tuple(ptl_timm_cli.SCRIPT_NAMES) == tuple(SCRIPT_NAMES)
+    code = ('import sys, ptl_timm_cli\n'
+            'try:\n    ptl_timm_cli.main(["train-reid", "-h"])\nexcept SystemExit:\n    pass\n'
+            'assert "torch" not in sys.modules, "the parser imported torch"\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '--ids-per-batch' in out.stdout

@@ -1,9 +1,11 @@
 """The distributed state rule, for real: torchrun, 2 CPU ranks (gloo), DDP, a few training steps per rank.
 
-Rule: every training step, each rank computes the state update from its own batch, then every rank keeps
-the mean of the ranks' updates (as SyncBatchNorm / ``--dist-bn reduce`` treat BN statistics). So all ranks
-hold the same state and a checkpoint does not depend on the rank that saved it. The expected state is
-computed here independently, by replaying each rank's batches in one process and averaging by hand.
+Rule: every training step, each rank computes the state update from its own batch (its micro-batches one
+after the other, inside ``no_sync()``), then every rank keeps the mean of the ranks' updates (as SyncBatchNorm /
+``--dist-bn reduce`` treat BN statistics), in one all_reduce for all cells at the step that synchronises
+gradients and none inside ``no_sync()``. So all ranks hold the same state and a checkpoint does not depend on
+the rank that saved it. The expected state is computed here independently, by replaying each rank's batches in
+one process and averaging by hand.
 """
 import os
 import signal
@@ -52,8 +54,8 @@ def ddp_results(tmp_path_factory) -> Dict[str, List[dict]]:
 def replay(scenario: str, ranks: List[dict]) -> Dict[str, torch.Tensor]:
     """What the rule gives: DDP replayed in one process, no torch.distributed.
 
-    Each step, every rank's forward / backward runs from that rank's own state; then each cell's state
-    becomes the mean of the states the ranks wrote, and the gradients their mean (what DDP does).
+    Each step, every rank's forwards / backwards (one per micro-batch) run from that rank's own state; then each
+    cell's state becomes the mean of the states the ranks wrote, and the gradients their mean (what DDP does).
     """
     model = worker.create(scenario)
     model.load_state_dict(ranks[0]['init'])
@@ -62,15 +64,16 @@ def replay(scenario: str, ranks: List[dict]) -> Dict[str, torch.Tensor]:
     optimizer = torch.optim.SGD(model.parameters(), lr=worker.LR, momentum=0.9)
     params = list(model.parameters())
     model.train()
+    micro = worker.SCENARIOS[scenario]['micro']
     for step in range(worker.STEPS):
         written, grads = [], []
         for r, rank in enumerate(ranks):
             with torch.no_grad():
                 for cell, state in zip(cells, rank_states[r]):
                     cell.state.copy_(state)
-            x, y = rank['batches'][step]
             model.zero_grad()
-            F.cross_entropy(model(worker.layout(x, scenario)), y).backward()
+            for x, y in rank['batches'][step * micro:(step + 1) * micro]:
+                F.cross_entropy(model(worker.layout(x, scenario)), y).backward()
             written.append([cell.state.clone() for cell in cells])
             grads.append([p.grad.clone() for p in params])
         mean_states = [torch.stack(s).mean(0) for s in zip(*written)]
@@ -107,6 +110,19 @@ def test_ranks_hold_identical_state_equal_to_the_rank_mean(ddp_results, scenario
     # the replay also reproduces DDP's weights, so it replays the same steps
     for k in (k for k in expected if k.endswith(('weight', 'bias'))):
         torch.testing.assert_close(r0[k], expected[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize('scenario', list(worker.SCENARIOS))
+def test_one_collective_per_step_for_all_cells_none_inside_no_sync(ddp_results, scenario):
+    """The cells' states travel in one bucket at the step that synchronises gradients: one all_reduce per
+    training step whatever the number of cells, none in the micro-batches inside ``no_sync()``. Exception: the
+    first forward of the DDP module, in which the cells meet it, averages each cell's state on its own."""
+    micro = worker.SCENARIOS[scenario]['micro']
+    for rank in ddp_results[scenario]:
+        cells = rank['cells']
+        assert cells > 1
+        first = [0] * (micro - 1) + [1 if micro > 1 else cells]
+        assert rank['collectives'] == [first] + [[0] * (micro - 1) + [1]] * (worker.STEPS - 1)
 
 
 def test_ranks_starting_from_different_states_agree_after_one_step(ddp_results):

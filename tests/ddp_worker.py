@@ -81,16 +81,16 @@ def layout(x: torch.Tensor, scenario: str) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if SCENARIOS[scenario]['channels_last'] else x
 
 
-def train(scenario: str, rank: int, world_size: int, out: Path) -> None:
+def train(scenario: str, rank: int, world_size: int, out: Path, device: torch.device) -> None:
     cfg = SCENARIOS[scenario]
-    model = create(scenario)
+    model = create(scenario).to(device)
     if cfg['rank_state']:
         gen = torch.Generator().manual_seed(2000 + rank)
         with torch.no_grad():
             for cell in bconv_cells(model):
                 cell.state.copy_(torch.rand(cell.state.shape, generator=gen))
     ddp = DistributedDataParallel(model, broadcast_buffers=cfg['broadcast_buffers'])
-    init = {k: v.clone() for k, v in model.state_dict().items()}  # what this rank starts from, after wrapping
+    init = {k: v.cpu() for k, v in model.state_dict().items()}  # what this rank starts from, after wrapping
     optimizer = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9)
     batches = rank_batches(rank, scenario)
     micro = cfg['micro']
@@ -103,12 +103,12 @@ def train(scenario: str, rank: int, world_size: int, out: Path) -> None:
             before = ALL_REDUCE_CALLS[0]
             # as timm's train.py: forward and backward of every micro-batch but the last inside no_sync()
             with ddp.no_sync() if k < micro - 1 else contextlib.nullcontext():
-                F.cross_entropy(ddp(layout(x, scenario)), y).backward()
+                F.cross_entropy(ddp(layout(x.to(device), scenario)), y.to(device)).backward()
             counts.append(ALL_REDUCE_CALLS[0] - before)
         collectives.append(counts)
         optimizer.step()
     distribute_bn(ddp, world_size, reduce=True)
-    torch.save(dict(init=init, batches=batches, final=model.state_dict(), collectives=collectives,
+    torch.save(dict(init=init, batches=batches, final=model.cpu().state_dict(), collectives=collectives,
                     cells=sum(isinstance(m, BConvCell) for m in model.modules())),
                out / f'{scenario}_rank{rank}.pt')
 
@@ -132,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('--out', type=Path, required=True)
     parser.add_argument('--scenarios', nargs='+', default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument('--device', default='cpu', help='cpu, or cuda: the ranks share it (gloo)')
     args = parser.parse_args()
     torch.set_num_threads(1)
     # a short timeout turns a hung collective into an error instead of a stuck test
@@ -139,7 +140,7 @@ def main() -> None:
     _count_all_reduce()
     try:
         for scenario in args.scenarios:
-            train(scenario, dist.get_rank(), dist.get_world_size(), args.out)
+            train(scenario, dist.get_rank(), dist.get_world_size(), args.out, torch.device(args.device))
     finally:
         dist.destroy_process_group()
 

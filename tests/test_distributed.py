@@ -31,10 +31,13 @@ TIMEOUT_S = 240
 @pytest.fixture(scope='module')
 def ddp_results(tmp_path_factory) -> Dict[str, List[dict]]:
     """Run the worker once under torchrun (every scenario in one process group) and load each rank's output."""
-    out = tmp_path_factory.mktemp('ddp')
+    return _run_worker(tmp_path_factory.mktemp('ddp'), list(worker.SCENARIOS), 'cpu')
+
+
+def _run_worker(out: Path, scenarios: List[str], device: str) -> Dict[str, List[dict]]:
     env = repo_on_pythonpath(dict(os.environ, OMP_NUM_THREADS='1'))
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={WORLD_SIZE}',
-           str(WORKER), '--out', str(out)]
+           str(WORKER), '--out', str(out), '--device', device, '--scenarios', *scenarios]
     # own session: on a timeout the whole group (torchrun and its ranks) is killed, never left hanging
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -47,7 +50,7 @@ def ddp_results(tmp_path_factory) -> Dict[str, List[dict]]:
     assert proc.returncode == 0, f'torchrun failed ({proc.returncode}):\n{log[-3000:]}'
     return {
         name: [torch.load(out / f'{name}_rank{r}.pt', weights_only=False) for r in range(WORLD_SIZE)]
-        for name in worker.SCENARIOS
+        for name in scenarios
     }
 
 
@@ -142,3 +145,16 @@ def test_averaging_is_not_a_copy_of_one_rank(ddp_results):
         single = replay(scenario, [ranks[alone]])
         names = [k for k in single if k.endswith('.state')]
         assert any(not torch.allclose(single[k], final[k], rtol=1e-3, atol=1e-4) for k in names)
+
+
+def test_state_sync_on_the_device(device, ddp_results, tmp_path):
+    """The same DDP rule with the model on TORCH_DEVICE (the ranks share it through gloo): identical states equal
+    to the replayed rank mean, one collective per synchronising step. On the CPU the module's run is this run."""
+    scenario = 'carried_accumulate_checkpoint'
+    ranks = ddp_results[scenario] if device.type == 'cpu' else _run_worker(tmp_path, [scenario], str(device))[scenario]
+    r0, r1 = (r['final'] for r in ranks)
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    expected = replay(scenario, ranks)
+    for k in (k for k in expected if k.endswith('.state')):
+        torch.testing.assert_close(r0[k], expected[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f'{k}: {m}')
+    assert ranks[0]['collectives'][1:] == [[0, 1]] * (worker.STEPS - 1)

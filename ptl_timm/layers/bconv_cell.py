@@ -63,7 +63,7 @@ def _check_channels(x: torch.Tensor, in_chs: int) -> None:
 
 
 # A training forward reads the state, then writes it. Two things may run that forward again before the step ends,
-# and both must see what the first run saw (docs/method.md, "Recomputed forwards"):
+# and both must see what the first run saw (docs/method.md, "State rules"):
 # - activation checkpointing (torch.utils.checkpoint, reentrant or not, or any library built on autograd) re-runs
 #   it inside the backward pass: a forward that runs while autograd executes a backward is a recomputation, so it
 #   reads the state its cell's last training forward read (kept in the buffer ``read_snapshot``) and writes nothing;

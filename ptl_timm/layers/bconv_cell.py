@@ -17,7 +17,7 @@ other size read the state resampled bilinearly to their grid and write it back r
 stored grid (antialiased when shrinking), so any batch size or resolution may follow any other.
 """
 import math
-from typing import Iterator, List, Literal, Tuple, Union
+from typing import Iterator, List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,22 @@ def _(state: torch.Tensor, snapshot: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(snapshot)
 
 
+@torch.library.custom_op('ptl_timm::state_copy', mutates_args=())
+def _state_copy_op(state: torch.Tensor) -> torch.Tensor:
+    """What a TorchScript training forward reads (it has no snapshot): a copy of ``state``. A recomputation
+    could only read the state the first run already wrote, so it stops with an error instead."""
+    if recomputing():
+        raise RuntimeError('A TorchScript PTL model cannot be re-run by activation checkpointing: the recomputed '
+                           'forward cannot read the state its first run read. Checkpoint the eager model, a '
+                           'torch.compile or a torch.export of it instead.')
+    return state.clone()
+
+
+@_state_copy_op.register_fake
+def _(state: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(state)
+
+
 @torch.library.custom_op('ptl_timm::state_commit', mutates_args=('state',))
 def _state_commit_op(state: torch.Tensor, new: torch.Tensor) -> None:
     """``state.copy_(new)``, except in a recomputation, which writes nothing."""
@@ -102,13 +118,15 @@ def _(state: torch.Tensor, new: torch.Tensor) -> None:
 # live buffers, where operations on a buffer alone would run at trace time and bake its value into the graph.
 @torch.fx.wrap
 def _state_read(
-        state: torch.Tensor, snapshot: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, training: bool,
+        state: torch.Tensor, snapshot: Optional[torch.Tensor], frozen: torch.Tensor, c: torch.Tensor, training: bool,
 ) -> torch.Tensor:
     """The state (S, C, Hs, Ws) as read for the cell map ``c`` (B, C, H, W): per slot in training, the
     dataset-level mean (1, C, Hs, Ws) in eval or when ``frozen``; at ``c``'s grid. A training read goes through
-    ``snapshot`` (the same shape as ``state``), which keeps it for a recomputation of the forward."""
+    ``snapshot`` (the same shape as ``state``), which keeps it for a recomputation of the forward; TorchScript,
+    which has no snapshot, reads a copy (and refuses a recomputation)."""
     if training:
-        state = torch.ops.ptl_timm.state_read(state, snapshot)
+        state = torch.ops.ptl_timm.state_copy(state) if snapshot is None else torch.ops.ptl_timm.state_read(
+            state, snapshot)
     prev = state.mean(0, keepdim=True)
     if training and state.shape[0] > 1:
         # per slot while updating, the dataset-level state when frozen: selected on the flag's value, not
@@ -178,6 +196,9 @@ class BConvCell(nn.Module):
         state_slots: slots of the ``'carried'`` state (the paper used one per batch position).
     """
 
+    # TorchScript lists non-persistent buffers in its state_dict: the snapshot stays out of scripted modules
+    __jit_ignored_attributes__ = ['read_snapshot']
+
     def __init__(
             self,
             in_chs: int,
@@ -226,7 +247,10 @@ class BConvCell(nn.Module):
 
     def _read_state(self, c: torch.Tensor) -> torch.Tensor:
         """The state ``c_{t-1}`` for the cell map ``c`` (B, C, H, W), at its grid."""
-        return _state_read(self.state, self.read_snapshot, self.state_frozen, c, self.training)
+        snapshot: Optional[torch.Tensor] = None
+        if hasattr(self, 'read_snapshot'):  # static in TorchScript, which does not see the snapshot
+            snapshot = self.read_snapshot
+        return _state_read(self.state, snapshot, self.state_frozen, c, self.training)
 
     def _write_state(self, c: torch.Tensor) -> None:
         """Write the detached cell map ``c`` (B, C, H, W) into the state, unless the state is frozen."""

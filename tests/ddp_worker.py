@@ -90,7 +90,8 @@ def train(scenario: str, rank: int, world_size: int, out: Path, device: torch.de
             for cell in bconv_cells(model):
                 cell.state.copy_(torch.rand(cell.state.shape, generator=gen))
     ddp = DistributedDataParallel(model, broadcast_buffers=cfg['broadcast_buffers'])
-    init = {k: v.to('cpu', copy=True) for k, v in model.state_dict().items()}  # what this rank starts from, after wrapping
+    # what this rank starts from, after wrapping
+    init = {k: v.to('cpu', copy=True) for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9)
     batches = rank_batches(rank, scenario)
     micro = cfg['micro']

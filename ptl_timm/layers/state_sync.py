@@ -21,12 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ['recomputing', 'average_now_or_at_sync', 'average_states']
 
-# the attribute a DDP module carries once its forward hook averages the cells' states
+# set on a DDP module whose hooks average the cells' states: False during the forward that registered them (they
+# do not run at its end), True from its next forward on
 _HOOKED = '_ptl_timm_state_sync'
 
 
 def recomputing() -> bool:
-    """True while autograd executes a backward pass: a forward running now recomputes an earlier one."""
+    """True while autograd executes a backward pass (on this thread): a forward running now recomputes an earlier
+    one. Reentrant and non-reentrant checkpointing, and compiled backwards, all run inside the autograd engine."""
     return torch._C._current_graph_task_id() != -1
 
 

@@ -147,11 +147,14 @@ def test_averaging_is_not_a_copy_of_one_rank(ddp_results):
         assert any(not torch.allclose(single[k], final[k], rtol=1e-3, atol=1e-4) for k in names)
 
 
-def test_state_sync_on_the_device(device, ddp_results, tmp_path):
+def test_state_sync_on_the_device(device, request, tmp_path):
     """The same DDP rule with the model on TORCH_DEVICE (the ranks share it through gloo): identical states equal
     to the replayed rank mean, one collective per synchronising step. On the CPU the module's run is this run."""
     scenario = 'carried_accumulate_checkpoint'
-    ranks = ddp_results[scenario] if device.type == 'cpu' else _run_worker(tmp_path, [scenario], str(device))[scenario]
+    if device.type == 'cpu':
+        ranks = request.getfixturevalue('ddp_results')[scenario]
+    else:
+        ranks = _run_worker(tmp_path, [scenario], str(device))[scenario]
     r0, r1 = (r['final'] for r in ranks)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     expected = replay(scenario, ranks)

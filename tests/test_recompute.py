@@ -111,7 +111,9 @@ def _twin_exact(name: str, where: str, reentrant: bool) -> bool:
 @pytest.mark.parametrize('reentrant', [False, True], ids=['non_reentrant', 'reentrant'])
 @pytest.mark.parametrize('where', ['model', 'parts'])
 @pytest.mark.parametrize('mode', ['shared', 'carried', 'reset'])
-@pytest.mark.parametrize('name', list(MODELS))
+# the ReID models take a few seconds per case: the everyday loop (-m 'not slow') keeps the ptl_resnet18 cases
+@pytest.mark.parametrize('name', [n if n == 'ptl_resnet18' else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in MODELS])
 def test_checkpointed_training_matches_plain_training(name, mode, where, reentrant):
     make, shape = MODELS[name]
     ptl = functools.partial(make, True, mode)
@@ -146,6 +148,7 @@ def test_own_grad_checkpointing_with_checkpointed_cells_matches_plain():
     assert not _differences(_train(ptl, shape, 'parts', False), _train(ptl, shape, 'none', False))
 
 
+@pytest.mark.slow  # compiling takes about half a minute
 def test_checkpointed_compiled_model_trains_like_eager():
     """Checkpointing around a torch.compile'd model re-runs the compiled forward in the backward: the decision
     to write is taken inside the graph, at run time, so it still writes once and reads the first run's state."""

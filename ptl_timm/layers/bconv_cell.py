@@ -137,17 +137,28 @@ def _state_read(
     return _resize(prev, c.shape[-2:])
 
 
+def _slot_sums(c: torch.Tensor, num_slots: int, grouped: bool) -> torch.Tensor:
+    """Sum of the samples ``j, j + S, ...`` of ``c`` (B, C, Hs, Ws) for every slot ``j`` < S: (S, C, Hs, Ws).
+
+    ``grouped``: zero rows up to a multiple of S and a sum over the (B / S, S, ...) view, deterministic on every
+    device; else a scatter-add, sequential (so deterministic) on the CPU, atomic on CUDA, and the one that exports
+    with a dynamic batch."""
+    batch = c.shape[0]
+    if grouped:
+        pad = (-batch) % num_slots
+        if pad:
+            c = torch.cat([c, c.new_zeros([pad] + list(c.shape[1:]))])
+        return c.reshape([-1, num_slots] + list(c.shape[1:])).sum(0)
+    slots = torch.arange(batch, device=c.device) % num_slots
+    return c.new_zeros([num_slots] + list(c.shape[1:])).index_add_(0, slots, c)
+
+
 def _slot_means(state: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """The carried write: slot ``j`` of ``state`` (S, C, Hs, Ws) gets the mean of the samples ``j, j + S, ...``
-    of ``c`` (B, C, Hs, Ws), float32; a slot no sample hits keeps its value.
-
-    A sum over a (B / S, S, ...) view and counts computed from B and S: no scatter (atomic adds are not
-    deterministic on CUDA) and nothing the host has to read back (as a bincount would)."""
+    of ``c`` (B, C, Hs, Ws), float32; a slot no sample hits keeps its value. Deterministic on every device, and
+    nothing the host has to read back: the counts follow from B and S (a bincount would be read back)."""
     batch, num_slots = c.shape[0], state.shape[0]
-    pad = (-batch) % num_slots
-    if pad:
-        c = torch.cat([c, c.new_zeros([pad] + list(c.shape[1:]))])
-    sums = c.reshape([-1, num_slots] + list(c.shape[1:])).sum(0)
+    sums = _slot_sums(c, num_slots, grouped=c.is_cuda)
     counts = torch.div(batch + num_slots - 1 - torch.arange(num_slots, device=c.device), num_slots,
                        rounding_mode='floor').clamp(min=0).to(sums.dtype).view(-1, 1, 1, 1)
     return torch.where(counts > 0, sums / counts.clamp(min=1), state.float())

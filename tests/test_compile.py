@@ -97,3 +97,23 @@ def test_export_training_matches_eager(state_mode):
         ref_buffers, buffers = _buffers(ref), _buffers(exported)
         for name, b in ref_buffers.items():
             torch.testing.assert_close(buffers[name], b, msg=f'buffer {name} at step {k}')
+
+
+def test_export_training_with_a_dynamic_batch_matches_eager():
+    """A carried-state training forward exported with a dynamic batch: one program for every batch size (batches
+    above and below the slot count), updating the state as eager does."""
+    torch.manual_seed(0)
+    model = timm.create_model('ptl_resnet18', num_classes=5, img_size=32, state_mode='carried',
+                              state_slots=3).train()
+    ref = copy.deepcopy(model)
+    batch = torch.export.Dim('batch', min=2, max=16)
+    exported = torch.export.export(model, (torch.randn(4, 3, 32, 32),), dynamic_shapes=({0: batch},)).module()
+    gen = torch.Generator().manual_seed(0)
+    for size in (5, 2, 7):
+        x = torch.randn(size, 3, 32, 32, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), ref(x))
+        buffers = _buffers(exported)
+        for name, b in _buffers(ref).items():
+            if name.endswith('.state'):
+                torch.testing.assert_close(buffers[name], b, msg=f'{name} after a batch of {size}')

@@ -219,3 +219,19 @@ def test_clear_errors():
         BConvCell(3, 4, kernel_size=2)
     with pytest.raises(ValueError, match='expects 3 input channels, got 1'):
         _cell()(torch.randn(1, 1, 8, 8))
+
+
+@pytest.mark.parametrize('batch, slots', [(1, 3), (3, 3), (4, 3), (7, 3), (5, 8), (16, 4)])
+def test_carried_slot_sums_agree_on_every_formulation(batch, slots):
+    """The carried write's two sums (grouped view on CUDA, sequential scatter-add elsewhere) give the same slot
+    sums, and the computed counts are the number of samples each slot gets."""
+    from ptl_timm.layers.bconv_cell import _slot_means, _slot_sums
+
+    c = torch.randn(batch, 2, 3, 3)
+    expected = torch.stack([c[j::slots].sum(0) for j in range(slots)])
+    for grouped in (False, True):
+        torch.testing.assert_close(_slot_sums(c, slots, grouped), expected)
+    state = torch.randn(slots, 2, 3, 3)
+    means = _slot_means(state, c)
+    for j in range(slots):
+        torch.testing.assert_close(means[j], c[j::slots].mean(0) if j < batch else state[j])

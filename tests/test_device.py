@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import ptl_timm  # noqa: F401  (registers the ptl_* models)
 from ptl_timm import bconv_cells
@@ -142,13 +143,14 @@ def test_channels_last_matches_contiguous(device):
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_like_eager(device):
+@pytest.mark.parametrize('mode', ['shared', 'carried'])
+def test_torch_compile_trains_like_eager(device, mode):
     """Compiled training gives the eager outputs, weights (so gradients) and state, step by step. Inductor on a
     GPU; on the CPU aot_eager_decomp_partition: Dynamo's capture and inductor's decompositions and min-cut
     partitioner (the one that may recompute a state read after its write) without the C++ build, which costs a
     minute here."""
     backend = 'inductor' if device.type == 'cuda' else 'aot_eager_decomp_partition'
-    eager, src = _model('shared').to(device), _model('shared').to(device)
+    eager, src = _model(mode).to(device), _model(mode).to(device)
     compiled = torch.compile(src, backend=backend)
     batches = _batches(3)
     for a, b in zip(_train(eager, batches, device), _train(compiled, batches, device)):
@@ -157,3 +159,26 @@ def test_torch_compile_trains_like_eager(device):
         torch.testing.assert_close(t, s, **TOL)
     for p, q in zip(eager.parameters(), src.parameters()):
         torch.testing.assert_close(q, p, **TOL)
+
+
+@pytest.mark.parametrize('mode', ['shared', 'carried'])
+def test_checkpointed_training_matches_plain_on_the_device(device, mode):
+    """Activation checkpointing around the model re-runs the cells in the backward: the re-run reads what the first
+    run read and writes nothing, so outputs, weights and states follow the plain run (docs/method.md)."""
+    plain, ckpt = _model(mode).to(device), _model(mode).to(device)
+    batches = _batches(2)
+    for a, b in zip(_train(plain, batches, device), _train(_Checkpointed(ckpt), batches, device)):
+        torch.testing.assert_close(b, a, **TOL)
+    for s, t in zip(_states(plain), _states(ckpt)):
+        torch.testing.assert_close(t, s, **TOL)
+
+
+class _Checkpointed(torch.nn.Module):
+    """``model`` run through non-reentrant activation checkpointing (the caller's, as a library would wrap it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.model, x, use_reentrant=False)

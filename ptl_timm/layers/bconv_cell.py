@@ -17,13 +17,14 @@ other size read the state resampled bilinearly to their grid and write it back r
 stored grid (antialiased when shrinking), so any batch size or resolution may follow any other.
 """
 import math
-from typing import Iterator, List, Literal, Tuple, Union
+from typing import Iterator, List, Literal, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import nn
+
+from .state_sync import average_now_or_at_sync, recomputing
 
 __all__ = [
     'BConvCell', 'StateMode', 'STATE_MODES', 'DEFAULT_STATE_MODE',
@@ -61,37 +62,71 @@ def _check_channels(x: torch.Tensor, in_chs: int) -> None:
         raise ValueError(f'BConvCell expects {in_chs} input channels, got {x.shape[1]} (input shape {x.shape}).')
 
 
-@torch.jit.unused
-def _average_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """``x`` averaged over the ranks of ``torch.distributed`` (when initialised with several ranks)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
+# A training forward reads the state, then writes it. Two things may run that forward again before the step ends,
+# and both must see what the first run saw (docs/method.md, "State rules"):
+# - activation checkpointing (torch.utils.checkpoint, reentrant or not, or any library built on autograd) re-runs
+#   it inside the backward pass: a forward that runs while autograd executes a backward is a recomputation, so it
+#   reads the state its cell's last training forward read (kept in the buffer ``read_snapshot``) and writes nothing;
+# - torch.compile's partitioner may recompute a cheap read of the state in the compiled backward, after the write
+#   (pytorch/pytorch#197039): it never recomputes a custom op, and where an activation-checkpoint region makes it
+#   re-run this one in the backward, the op returns the snapshot, so the read is the same.
+# Both decisions are taken inside custom ops at run time, so eager, FX, TorchScript, compiled and exported graphs
+# follow the same rule.
+@torch.library.custom_op('ptl_timm::state_read', mutates_args=('snapshot',))
+def _state_read_op(state: torch.Tensor, snapshot: torch.Tensor) -> torch.Tensor:
+    """What a training forward reads: ``state``, copied into ``snapshot`` first, or ``snapshot`` in a
+    recomputation. Shapes (S, C, Hs, Ws)."""
+    if not recomputing():
+        snapshot.copy_(state)
+    return snapshot.clone()
 
 
-# A training forward reads the state, then writes it in place. torch.compile's partitioner may recompute that
-# read in the backward, after the write (pytorch/pytorch#197039): silently wrong gradients with inductor. It
-# never recomputes a custom op, so the backward keeps the snapshot this op takes before the write.
-@torch.library.custom_op('ptl_timm::state_snapshot', mutates_args=())
-def _state_snapshot(state: torch.Tensor) -> torch.Tensor:
-    """A copy of ``state``, taken before the forward writes it."""
+@_state_read_op.register_fake
+def _(state: torch.Tensor, snapshot: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(snapshot)
+
+
+@torch.library.custom_op('ptl_timm::state_copy', mutates_args=())
+def _state_copy_op(state: torch.Tensor) -> torch.Tensor:
+    """What a TorchScript training forward reads (it has no snapshot): a copy of ``state``. A recomputation
+    could only read the state the first run already wrote, so it stops with an error instead."""
+    if recomputing():
+        raise RuntimeError('A TorchScript PTL model cannot be re-run by activation checkpointing: the recomputed '
+                           'forward cannot read the state its first run read. Checkpoint the eager model, a '
+                           'torch.compile or a torch.export of it instead.')
     return state.clone()
 
 
-@_state_snapshot.register_fake
+@_state_copy_op.register_fake
 def _(state: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(state)
+
+
+@torch.library.custom_op('ptl_timm::state_commit', mutates_args=('state',))
+def _state_commit_op(state: torch.Tensor, new: torch.Tensor) -> None:
+    """``state.copy_(new)``, except in a recomputation, which writes nothing."""
+    if not recomputing():
+        state.copy_(new)
+
+
+@_state_commit_op.register_fake
+def _(state: torch.Tensor, new: torch.Tensor) -> None:
+    return None
 
 
 # The state is read and written by functions of the buffers: an FX trace records each as one call on the
 # live buffers, where operations on a buffer alone would run at trace time and bake its value into the graph.
 @torch.fx.wrap
-def _state_read(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, training: bool) -> torch.Tensor:
+def _state_read(
+        state: torch.Tensor, snapshot: Optional[torch.Tensor], frozen: torch.Tensor, c: torch.Tensor, training: bool,
+) -> torch.Tensor:
     """The state (S, C, Hs, Ws) as read for the cell map ``c`` (B, C, H, W): per slot in training, the
-    dataset-level mean (1, C, Hs, Ws) in eval or when ``frozen``; at ``c``'s grid."""
-    if training:  # the forward writes the state after this read
-        state = torch.ops.ptl_timm.state_snapshot(state)
+    dataset-level mean (1, C, Hs, Ws) in eval or when ``frozen``; at ``c``'s grid. A training read goes through
+    ``snapshot`` (the same shape as ``state``), which keeps it for a recomputation of the forward; TorchScript,
+    which has no snapshot, reads a copy (and refuses a recomputation)."""
+    if training:
+        state = torch.ops.ptl_timm.state_copy(state) if snapshot is None else torch.ops.ptl_timm.state_read(
+            state, snapshot)
     prev = state.mean(0, keepdim=True)
     if training and state.shape[0] > 1:
         # per slot while updating, the dataset-level state when frozen: selected on the flag's value, not
@@ -102,23 +137,43 @@ def _state_read(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, trai
     return _resize(prev, c.shape[-2:])
 
 
+def _slot_sums(c: torch.Tensor, num_slots: int, grouped: bool) -> torch.Tensor:
+    """Sum of the samples ``j, j + S, ...`` of ``c`` (B, C, Hs, Ws) for every slot ``j`` < S: (S, C, Hs, Ws).
+
+    ``grouped``: zero rows up to a multiple of S and a sum over the (B / S, S, ...) view, deterministic on every
+    device; else a scatter-add, sequential (so deterministic) on the CPU, atomic on CUDA, and the one that exports
+    with a dynamic batch."""
+    batch = c.shape[0]
+    if grouped:
+        pad = (-batch) % num_slots
+        if pad:
+            c = torch.cat([c, c.new_zeros([pad] + list(c.shape[1:]))])
+        return c.reshape([-1, num_slots] + list(c.shape[1:])).sum(0)
+    slots = torch.arange(batch, device=c.device) % num_slots
+    return c.new_zeros([num_slots] + list(c.shape[1:])).index_add_(0, slots, c)
+
+
+def _slot_means(state: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The carried write: slot ``j`` of ``state`` (S, C, Hs, Ws) gets the mean of the samples ``j, j + S, ...``
+    of ``c`` (B, C, Hs, Ws), float32; a slot no sample hits keeps its value. Deterministic on every device, and
+    nothing the host has to read back: the counts follow from B and S (a bincount would be read back)."""
+    batch, num_slots = c.shape[0], state.shape[0]
+    sums = _slot_sums(c, num_slots, grouped=c.is_cuda)
+    counts = torch.div(batch + num_slots - 1 - torch.arange(num_slots, device=c.device), num_slots,
+                       rounding_mode='floor').clamp(min=0).to(sums.dtype).view(-1, 1, 1, 1)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), state.float())
+
+
 @torch.fx.wrap
 def _state_write(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, carried: bool) -> None:
     """Write the detached cell map ``c`` (B, C, H, W) into ``state`` (S, C, Hs, Ws) in place, unless ``frozen``:
     slot ``j % S`` gets the mean of its samples (``carried``), else the one slot the batch mean."""
     c = _resize(c.float(), state.shape[-2:])
-    if carried:
-        num_slots = state.shape[0]
-        slots = torch.arange(c.shape[0], device=c.device) % num_slots
-        sums = torch.zeros_like(state, dtype=torch.float32).index_add_(0, slots, c)
-        counts = torch.bincount(slots, minlength=num_slots).to(sums.dtype).view(-1, 1, 1, 1)
-        new = torch.where(counts > 0, sums / counts.clamp(min=1), state.float())
-    else:
-        new = c.mean(0, keepdim=True)
+    new = _slot_means(state, c) if carried else c.mean(0, keepdim=True)
     if not torch.jit.is_scripting():
-        new = _average_over_ranks(new)
+        new = average_now_or_at_sync(new)
     # always written, the frozen flag selecting the old value: data, not control flow (see _state_read)
-    state.copy_(torch.where(frozen, state, new.to(state.dtype)))
+    torch.ops.ptl_timm.state_commit(state, torch.where(frozen, state, new.to(state.dtype)))
 
 
 class BConvCell(nn.Module):
@@ -137,9 +192,10 @@ class BConvCell(nn.Module):
         ``'reset'``: no carried state (``c_{t-1} = 0`` always), what the reference code effectively ran.
 
     Rules common to all modes: training forwards update the state unless it is frozen; eval forwards
-    are deterministic, never update, and are batch-independent. Under ``torch.distributed`` the written
-    state is averaged over ranks, as SyncBatchNorm does for batch statistics, so every rank holds the
-    same state.
+    are deterministic, never update, and are batch-independent. A forward re-run for backward (activation
+    checkpointing) reads what its first run read and writes nothing. Under ``torch.distributed`` the
+    written state is averaged over ranks, as SyncBatchNorm does for batch statistics, so every rank holds
+    the same state after each step that synchronises gradients (``ptl_timm.layers.state_sync``).
 
     Args:
         in_chs: input channels.
@@ -150,6 +206,9 @@ class BConvCell(nn.Module):
         state_size: (Hs, Ws) grid the state is stored at.
         state_slots: slots of the ``'carried'`` state (the paper used one per batch position).
     """
+
+    # TorchScript lists non-persistent buffers in its state_dict: the snapshot stays out of scripted modules
+    __jit_ignored_attributes__ = ['read_snapshot']
 
     def __init__(
             self,
@@ -177,9 +236,16 @@ class BConvCell(nn.Module):
         slots = state_slots if state_mode == 'carried' else 1
         self.register_buffer('state', torch.zeros(slots, out_chs, *state_size))
         self.register_buffer('state_frozen', torch.zeros((), dtype=torch.bool))
+        # what the last training forward read, for a recomputation of that forward (see _state_read_op)
+        self.register_buffer('read_snapshot', torch.zeros_like(self.state), persistent=False)
 
     def extra_repr(self) -> str:
         return f'state_mode={self.state_mode}, state={tuple(self.state.shape)}'
+
+    @property
+    def carries_state(self) -> bool:
+        """True when training forwards write the state (every mode but ``'reset'``), frozen or not."""
+        return self.state_mode != 'reset'
 
     @property
     def updates_state(self) -> bool:
@@ -192,7 +258,10 @@ class BConvCell(nn.Module):
 
     def _read_state(self, c: torch.Tensor) -> torch.Tensor:
         """The state ``c_{t-1}`` for the cell map ``c`` (B, C, H, W), at its grid."""
-        return _state_read(self.state, self.state_frozen, c, self.training)
+        snapshot: Optional[torch.Tensor] = None
+        if hasattr(self, 'read_snapshot'):  # static in TorchScript, which does not see the snapshot
+            snapshot = self.read_snapshot
+        return _state_read(self.state, snapshot, self.state_frozen, c, self.training)
 
     def _write_state(self, c: torch.Tensor) -> None:
         """Write the detached cell map ``c`` (B, C, H, W) into the state, unless the state is frozen."""

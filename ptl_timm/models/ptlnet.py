@@ -299,7 +299,7 @@ class PTLNet(LadderMixin, nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Checkpoint the backbone only: re-running a cell in backward would write its state twice."""
+        """Checkpoint the backbone's stages (where the memory is); cells may be checkpointed from outside."""
         self.backbone.set_grad_checkpointing(enable)
 
     @torch.jit.ignore

@@ -4,7 +4,8 @@ PTLNet reads a backbone's stage maps with timm's ``forward_intermediates``, whic
 for most CNNs (ResNet's slices a tuple by a variable index). :func:`staged_backbone` returns a copy of the
 backbone that shares every module, parameter and buffer with it (same ``state_dict`` keys) and adds
 ``forward_stages(x, feats)``: the modules ``forward_features`` calls, in the order it calls them, appending
-the output of every ``feature_info`` module to ``feats``. The copy is checked against ``forward_intermediates``
+the output of every ``feature_info`` module to ``feats`` (channels-last for Swin and MambaOut: ``stage_nhwc``
+says so, and the caller permutes them). The copy is checked against ``forward_intermediates``
 on an example input, so a backbone whose forward does more than chain its modules fails at once, by name.
 """
 import copy
@@ -22,6 +23,7 @@ class _StagedModule(nn.Module):
     need not be the order they were registered in), keeping the outputs of those in ``stage_taps``."""
     stage_body: List[str]
     stage_taps: List[str]
+    stage_nhwc: bool = False  # the taps are channels-last maps (the top copy only; set by staged_backbone)
 
     def forward_stages(self, x: torch.Tensor, feats: List[torch.Tensor]) -> torch.Tensor:
         for target in self.stage_body:
@@ -69,7 +71,7 @@ class _StagedSequential(nn.Sequential):
 def _unstaged(cls: type, state: Dict[str, Any]) -> nn.Module:
     """A pickled (or deep-copied) staged copy comes back as a module of its own class."""
     module = cls.__new__(cls)
-    module.__dict__.update({k: v for k, v in state.items() if k not in ('stage_body', 'stage_taps')})
+    module.__dict__.update({k: v for k, v in state.items() if k not in ('stage_body', 'stage_taps', 'stage_nhwc')})
     return module
 
 
@@ -139,6 +141,12 @@ def staged_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name:
                                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
             if not all(isinstance(t, torch.Tensor) for t in (got_final, *got)):
                 raise _not_a_chain(name, 'its modules chain into lists, not maps')
+            if i == 0:  # Swin's and MambaOut's stages run channels-last; forward_intermediates gives NCHW maps
+                staged.stage_nhwc = len(got) > 0 and all(
+                    a.ndim == 4 and a.shape != b.shape and a.permute(0, 3, 1, 2).shape == b.shape
+                    for a, b in zip(got, feats))
+            if staged.stage_nhwc:
+                got = [a.permute(0, 3, 1, 2) for a in got]
             if len(got) != len(feats) or not torch.equal(got_final, final) or \
                     not all(torch.equal(a, b) for a, b in zip(got, feats)):
                 raise _not_a_chain(name, f'chaining its modules does not give forward_intermediates\' maps at '

@@ -142,9 +142,8 @@ def staged_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name:
             if not all(isinstance(t, torch.Tensor) for t in (got_final, *got)):
                 raise _not_a_chain(name, 'its modules chain into lists, not maps')
             if i == 0:  # Swin's and MambaOut's stages run channels-last; forward_intermediates gives NCHW maps
-                staged.stage_nhwc = len(got) > 0 and all(
-                    a.ndim == 4 and a.shape != b.shape and a.permute(0, 3, 1, 2).shape == b.shape
-                    for a, b in zip(got, feats))
+                staged.stage_nhwc = len(got) == len(feats) > 0 and not _same(got, feats) and \
+                    _same([a.permute(0, 3, 1, 2) if a.ndim == 4 else a for a in got], feats)
             if staged.stage_nhwc:
                 got = [a.permute(0, 3, 1, 2) for a in got]
             if len(got) != len(feats) or not torch.equal(got_final, final) or \
@@ -155,6 +154,10 @@ def staged_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name:
         for m, mode in modes.items():
             m.training = mode
     return staged
+
+
+def _same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
 
 
 def _not_a_chain(name: str, why: str) -> ValueError:

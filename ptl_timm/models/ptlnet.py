@@ -246,9 +246,9 @@ class PTLNet(LadderMixin, nn.Module):
         return torch.zeros(shape, device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()
-    def _backbone_example(self) -> Tuple[Any, List[torch.Tensor]]:
-        """The backbone's final features and stage maps of one image, at a small size it runs at (its fixed size,
-        else 2 pixels at the last stage, else ``img_size``)."""
+    def _backbone_example(self, indices: Optional[List[int]] = None) -> Tuple[Any, List[torch.Tensor]]:
+        """The backbone's final features and stage maps (``indices``: those, after pruning) of one image, at a small
+        size it runs at (its fixed size, else 2 pixels at the last stage, else ``img_size``)."""
         name, bb = self.backbone_name, self.backbone
         if not hasattr(bb, 'forward_intermediates') or not getattr(bb, 'feature_info', None):
             raise ValueError(
@@ -261,29 +261,31 @@ class PTLNet(LadderMixin, nn.Module):
         bb.eval()
         try:
             try:
-                return bb.forward_intermediates(self._example(1, self.in_chans, *size))
+                return bb.forward_intermediates(self._example(1, self.in_chans, *size), indices=indices)
             except Exception:  # some CNNs (Inception, HaloNet) need more than 2 pixels at the last stage
                 size = self.img_size
-                return bb.forward_intermediates(self._example(1, self.in_chans, *size))
+                return bb.forward_intermediates(self._example(1, self.in_chans, *size), indices=indices)
         except Exception as e:
             raise ValueError(f'{name} cannot run on a {size} input ({type(e).__name__}: {e}); PTL needs a backbone '
                              'that runs at the img_size given to the model.') from e
         finally:
             bb.train(was_training)
 
-    def _probe_backbone(self) -> None:
+    def _probe_backbone(self, indices: Optional[List[int]] = None) -> None:
         """Read the layout of the backbone's final features off one forward (``final_join``, ``backbone_features``:
-        their channels); fail early, naming the reason, for a backbone whose features cannot feed the ladder."""
+        their channels); fail early, naming the reason, for a backbone whose features cannot feed the ladder.
+        ``indices``: the stages a pruned backbone kept."""
         name, bb = self.backbone_name, self.backbone
-        final, feats = self._backbone_example()
-        for info, feat in zip(bb.feature_info, feats):
+        final, feats = self._backbone_example(indices)
+        infos = bb.feature_info if indices is None else [bb.feature_info[i] for i in indices]
+        for info, feat in zip(infos, feats):
             if not isinstance(feat, torch.Tensor) or feat.ndim != 4 or feat.shape[1] != info['num_chs']:
                 raise ValueError(f'{name} stage {info["module"]} gives {_shape(feat)}, not an NCHW map of '
                                  f'{info["num_chs"]} channels, from forward_intermediates; PTL needs NCHW stage maps.')
         # a list (CoaT's scales, EfficientViM's states) joins its last element: the backbone's or the last stage's width
         chs = [bb.num_features]
         if isinstance(final, (list, tuple)):
-            chs.append(bb.feature_info[-1]['num_chs'])
+            chs.append(infos[-1]['num_chs'])
         error = None
         for c in chs:
             try:
@@ -464,9 +466,9 @@ class PTLNet(LadderMixin, nn.Module):
         self.joins = self.joins[:max_index + 1]
         self.num_stages = max_index + 1
         backbone_features = self.backbone_features
-        final, _ = self._backbone_example()
+        final, _ = self._backbone_example(take_indices)
         if isinstance(final, (list, tuple)) == self.final_in_list:  # HRNet's pruned list of branches fails in forward
-            self._probe_backbone()  # the pruned features may end in another layout (a token stage's map)
+            self._probe_backbone(take_indices)  # the pruned features may end in another layout (a token stage's map)
         if prune_head or prune_end or self.backbone_features != backbone_features:
             # the head and the norm before it were sized for the last stage's cell and the backbone's final map
             self.cell_norm = nn.Identity()
@@ -492,8 +494,9 @@ class PTLNet(LadderMixin, nn.Module):
         return self.final_join(final, self.cell_norm(outs[-1]))
 
     @torch.jit.unused
-    def _join_list(self, final: List[torch.Tensor], cells: torch.Tensor) -> Any:
-        """A list of final features (CoaT's scales, EfficientViM's states) gets the cells in its last element."""
+    def _join_list(self, final: Any, cells: torch.Tensor) -> torch.Tensor:
+        """A list of final features (CoaT's scales, EfficientViM's states) gets the cells in its last element.
+        Returns that list: the annotation is for TorchScript, which compiles list backbones nowhere."""
         return [*final[:-1], self.final_join(final[-1], cells)]
 
     def _backbone_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -544,7 +547,7 @@ class PTLNet(LadderMixin, nn.Module):
         return self._head(self.backbone.forward_head(backbone_part, pre_logits=True), cell_part, pre_logits)
 
     @torch.jit.unused
-    def _forward_head_list(self, x: List[torch.Tensor], pre_logits: bool) -> Any:
+    def _forward_head_list(self, x: Any, pre_logits: bool) -> torch.Tensor:
         if self.cell_pool.is_identity():  # unpooled: the list itself, as the backbone's head leaves it
             return x
         backbone_part, cell_part = self.final_join.split(x[-1], self.backbone_features)

@@ -15,7 +15,7 @@ joined to its last element. :class:`FinalJoin` appends the cell map as channels 
 position its own cell vector; at a class token (which summarises the image) the cell map's mean. The head splits
 the channels again, gives the backbone's part to the backbone's own head, and pools the cell part over its grid.
 """
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -94,9 +94,10 @@ class FinalJoin(nn.Module):
             tokens = summary.expand(-1, self.prefix, -1)
         return torch.cat([final, tokens], dim=-1)
 
-    def split(self, x: torch.Tensor, chs: int) -> List[torch.Tensor]:
+    def split(self, x: torch.Tensor, chs: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The backbone's part (``chs`` channels) and the cell part of joined features."""
-        return list(x.split([chs, x.shape[self.channel_dim] - chs], dim=self.channel_dim))
+        dim = self.channel_dim
+        return x.narrow(dim, 0, chs), x.narrow(dim, chs, x.shape[dim] - chs)
 
     def cell_map(self, cells: torch.Tensor) -> torch.Tensor:
         """The cell part as a (B, w, H, W) map (tokens: (B, w, H*W, 1)) for a 2D pool: its grid only."""

@@ -665,7 +665,8 @@ default_cfgs = generate_default_cfgs({
     **ptl_pretrained_cfgs('mobilenetv2_100'), **ptl_pretrained_cfgs('tf_efficientnet_lite0'),
     **ptl_pretrained_cfgs('tf_efficientnet_lite1'), **ptl_pretrained_cfgs('tf_efficientnet_lite2'),
     **ptl_pretrained_cfgs('efficientnet_b0'), **ptl_pretrained_cfgs('convnext_tiny'),
-    **ptl_pretrained_cfgs('regnety_016'),
+    **ptl_pretrained_cfgs('regnety_016'), **ptl_pretrained_cfgs('swin_tiny_patch4_window7_224'),
+    **ptl_pretrained_cfgs('hiera_tiny_224'), **ptl_pretrained_cfgs('mambaout_femto'),
     **manifest_pretrained_cfgs(_MANIFEST),  # full-PTL tags, after the backbone tags (not default)
 })
 
@@ -768,6 +769,27 @@ def ptl_convnext_tiny(pretrained: bool = False, **kwargs: Any) -> PTLNet:
 def ptl_regnety_016(pretrained: bool = False, **kwargs: Any) -> PTLNet:
     """PTL on timm's ``regnety_016``: branch widths 8/8/16/40/112 (1/8 of its stage widths)."""
     return _create_ptl('ptl_regnety_016', 'regnety_016', pretrained, **kwargs)
+
+
+@register_model
+def ptl_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``swin_tiny_patch4_window7_224`` (Swin-T): branch widths 16/24/48/96 (1/8 of its stage
+    widths); channels-last features (B, 7, 7, 864) at 224 px, Swin's own head."""
+    return _create_ptl('ptl_swin_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224', pretrained, **kwargs)
+
+
+@register_model
+def ptl_hiera_tiny_224(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``hiera_tiny_224`` (Hiera-T): branch widths 16/24/48/96 (1/8 of its stage widths); token
+    features (B, 49, 864) at 224 px, Hiera's own head."""
+    return _create_ptl('ptl_hiera_tiny_224', 'hiera_tiny_224', pretrained, **kwargs)
+
+
+@register_model
+def ptl_mambaout_femto(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``mambaout_femto``: branch widths 8/16/24/40 (1/8 of its stage widths); channels-last
+    features (B, 7, 7, 328) at 224 px, MambaOut's own head."""
+    return _create_ptl('ptl_mambaout_femto', 'mambaout_femto', pretrained, **kwargs)
 
 
 # The entry points above are the list of models; this is that list by backbone.

@@ -12,8 +12,10 @@ The cells run on NCHW stage maps (timm's ``forward_intermediates``); a backbone'
 
 A backbone whose final features are a list (CoaT's parallel scales, EfficientViM's per-stage states) has the cells
 joined to its last element. :class:`FinalJoin` appends the cell map as channels in that layout: at every grid
-position its own cell vector; at a class token (which summarises the image) the cell map's mean. The head splits
-the channels again, gives the backbone's part to the backbone's own head, and pools the cell part over its grid.
+position its own cell vector; at a class token (which summarises the image) the cell map's mean; at every token
+where the tokens are not in raster order (Hiera pruned before its last stage keeps its unrolled order) the mean.
+The head splits the channels again, gives the backbone's part to the backbone's own head, and pools the cell part
+over its grid.
 """
 from typing import Optional, Tuple
 
@@ -42,7 +44,7 @@ def final_layout(final: object, last_map: torch.Tensor, chs: int, output_fmt: Op
     """``(layout, prefix, grid, in_list)`` of a backbone's final features ``final``, given its last stage map
     ``last_map`` (B, C, H, W) and the channels ``chs`` the final features have (the backbone's ``num_features``;
     the last stage's channels for a list). ``prefix``: the tokens before the grid (NLC); ``grid``: whether the
-    tokens hold the H x W grid at all (PiT's final features are its class tokens only). A ValueError names what
+    tokens hold the H x W grid in raster order (PiT's final features are its class tokens only). A ValueError names what
     does not fit."""
     in_list = isinstance(final, (list, tuple))
     t = final[-1] if in_list and len(final) else final
@@ -55,13 +57,21 @@ def final_layout(final: object, last_map: torch.Tensor, chs: int, output_fmt: Op
         return 'NHWC', 0, True, in_list
     if t.ndim == 3 and t.shape[-1] == chs:
         tokens = t.shape[1]
-        if tokens >= cells:
+        if tokens >= cells and not _shuffled(t, last_map):
             return 'NLC', tokens - cells, True, in_list
         return 'NLC', tokens, False, in_list
     if t.ndim == 3 and t.shape[1] == chs and t.shape[-1] == cells:
         return 'NCL', 0, True, in_list
     raise ValueError(f'final features {_shape(final)} are not laid out as NCHW, NHWC, (B, N, C) tokens or '
                      f'(B, C, N) with {chs} channels and the {tuple(last_map.shape[-2:])} grid of the last stage')
+
+
+def _shuffled(tokens: torch.Tensor, last_map: torch.Tensor) -> bool:
+    """Whether ``tokens`` are the last stage map's own positions in another order than the raster order: Hiera's
+    before its last stage (its unrolled order), where no cell vector can be placed by position."""
+    grid = last_map.flatten(2).transpose(1, 2)
+    return tokens.shape == grid.shape and not torch.allclose(tokens, grid) and \
+        torch.allclose(tokens.sort(1).values, grid.sort(1).values)
 
 
 class FinalJoin(nn.Module):

@@ -112,11 +112,17 @@ def test_features_only_gives_the_nchw_stage_maps_in_every_feature_cls(key):
         assert all(torch.equal(a, b) for a, b in zip(feats, expected)), feature_cls
 
 
-@pytest.mark.parametrize('key', ['swin', 'mambaout'])
+# Swin, MambaOut: their modules chain (channels-last stages); PiT: through its own forward_intermediates
+@pytest.mark.parametrize('key', ['swin', 'mambaout', 'pit'])
 @torch.no_grad()
 def test_torchscript_matches_eager_where_the_backbone_scripts(key):
     model, x = _model(key).eval(), _x()
     torch.testing.assert_close(torch.jit.script(model)(x), model(x))
+
+
+def test_torchscript_refusal_names_the_alternatives_where_the_backbone_does_not_script():
+    with pytest.raises(ValueError, match='hiera_tiny_224.*Use torch.export or torch.compile'):
+        torch.jit.script(_model('hiera').eval())
 
 
 @pytest.mark.parametrize('key', ['mambaout', 'hiera'])

@@ -5,12 +5,10 @@ parameters (counted on the meta device; a module with timm's own ``test_*`` conf
 are its smallest). Each model is first classified from the plain timm backbone, then wrapped with
 ``ptl_timm.create_ptl_model`` and checked:
 
-- *hierarchical CNN* (the rule, decided on the plain backbone before any PTL code runs): it has
-  ``feature_info`` and ``forward_intermediates``; it reports at least two stages whose reductions never
-  shrink and grow overall; ``forward_intermediates`` gives NCHW maps (4-d, channels = ``feature_info``'s
-  ``num_chs``; final: ``num_features``) whose spatial size never grows from stage to stage. Anything else
-  (plain ViTs, token or channels-last outputs, MLPs) is *not hierarchical*: PTL must refuse it at build time
-  with an error that names the reason.
+- *feature pyramid* (the rule, decided on the plain backbone's ``feature_info`` alone, before any PTL code runs
+  and whatever the layout of its maps): its reductions never shrink and take at least three values (4, 8, 16,
+  32 for most; 16, 32, 64 for LeViT). Anything else (plain ViTs and MLPs at one reduction, models without
+  ``feature_info``) is *not a pyramid*; PTL may take it or refuse it at build time, with the reason.
 - build: ``create_ptl_model(name, num_classes=4, img_size=S)``;
 - forward/backward: train-mode forward of 2 images, logits (2, 4), finite gradients that reach the cells;
 - state rules: a train forward writes the state, an eval forward does not, eval outputs are batch-independent,
@@ -19,7 +17,8 @@ are its smallest). Each model is first classified from the plain timm backbone, 
   stage with the channels its ``feature_info`` lists.
 
 Then, for the families where all of that works, and outside that verdict: TorchScript, ``torch.jit.script`` of the
-eval model gives the eager outputs (a backbone whose forward is not a chain of its modules is refused by name).
+eval model gives the eager outputs (a backbone whose forward is not a chain of its modules is refused by name);
+where it fails, whether the plain backbone scripts at all.
 
 Input: S = the first of 64, 128 and 224 px the plain backbone runs at, else its own pretrained input size (and
 that size when it is fixed). Writes
@@ -85,43 +84,45 @@ def _reason(e: BaseException) -> str:
     return text if len(text) <= 240 else text[:237] + '...'
 
 
+def is_pyramid(reductions: Sequence[int]) -> bool:
+    """The pyramid rule: reductions that never shrink and grow through at least three levels."""
+    return all(b >= a for a, b in zip(reductions, reductions[1:])) and len(set(reductions)) >= 3
+
+
 @torch.no_grad()
 def classify(name: str) -> Dict[str, Any]:
-    """Apply the hierarchical-CNN rule of the module docstring to the plain backbone ``name``."""
+    """Apply the pyramid rule of the module docstring to the plain backbone ``name``, and find the input size S
+    it runs at."""
     model = timm.create_model(name, pretrained=False).eval()
     info = getattr(model, 'feature_info', None)
     if not hasattr(model, 'forward_intermediates') or not info:
-        return dict(hierarchical=False, size=SIZES[0], rule='no feature_info / forward_intermediates')
+        return dict(pyramid=False, size=SIZES[0], rule='no feature_info / forward_intermediates')
     reductions = [i['reduction'] for i in info]
+    pyramid = is_pyramid(reductions)
+    rule = f'reductions {reductions}' + ('' if pyramid else ' do not grow through three levels')
     fixed = model.pretrained_cfg.get('fixed_input_size')
     own = tuple(model.pretrained_cfg['input_size'][-2:])
     sizes = [own] if fixed else [(s, s) for s in SIZES] + [own]
     error = None
     for size in sizes:
         try:
-            final, feats = model.forward_intermediates(torch.zeros(1, 3, *size))
+            final, _ = model.forward_intermediates(torch.zeros(1, 3, *size))
             break
         except Exception as e:
             error = e
-    else:
-        return dict(hierarchical=False, size=sizes[-1][0], reductions=reductions,
-                    rule=f'forward_intermediates fails: {_reason(error)}')
-    row = dict(size=size[0], reductions=reductions)
-    shapes = [tuple(f.shape) if isinstance(f, torch.Tensor) else None for f in feats]
-    if len(info) < 2:
-        why = 'fewer than two stages'
-    elif any(b < a for a, b in zip(reductions, reductions[1:])) or reductions[-1] <= reductions[0]:
-        why = f'reductions {reductions} do not grow'
-    elif not isinstance(final, torch.Tensor) or final.ndim != 4 or final.shape[1] != model.num_features:
-        got = tuple(final.shape) if isinstance(final, torch.Tensor) else type(final).__name__
-        why = f'final features {got} are not an NCHW map of {model.num_features} channels'
-    elif any(s is None or len(s) != 4 or s[1] != i['num_chs'] for s, i in zip(shapes, info)):
-        why = f'stage outputs {shapes} are not NCHW maps of {[i["num_chs"] for i in info]} channels'
-    elif any(b[2] > a[2] or b[3] > a[3] for a, b in zip(shapes, shapes[1:])):
-        why = f'stage maps {shapes} grow'
-    else:
-        return dict(row, hierarchical=True, rule='NCHW maps, reductions grow')
-    return dict(row, hierarchical=False, rule=why)
+    else:  # no size found: the build step fails at S and says why
+        return dict(pyramid=pyramid, size=sizes[-1][0], reductions=reductions, rule=rule,
+                    final=f'forward_intermediates fails: {_reason(error)}')
+    return dict(pyramid=pyramid, size=size[0], reductions=reductions, rule=rule, final=_layout_of(final))
+
+
+def _layout_of(final: Any) -> str:
+    """The plain backbone's final features, as a shape (or a list of shapes)."""
+    if isinstance(final, torch.Tensor):
+        return str(tuple(final.shape))
+    if isinstance(final, (list, tuple)):
+        return f'list of {len(final)}: {_layout_of(final[-1])} last'
+    return type(final).__name__
 
 
 def _states(model: torch.nn.Module) -> List[torch.Tensor]:
@@ -187,6 +188,18 @@ def _torchscript(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def _twin_scripts(name: str, size: int) -> bool:
+    """Whether the plain backbone compiles with ``torch.jit.script`` and runs at ``size``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try:
+            torch.jit.script(timm.create_model(name, pretrained=False).eval())(torch.zeros(1, 3, size, size))
+        except Exception:
+            return False
+    return True
+
+
+@torch.no_grad()
 def _features_only(name: str, size: int, x: torch.Tensor) -> None:
     model = ptl_timm.create_ptl_model(name, features_only=True, img_size=size).eval()
     feats = model(x)
@@ -224,6 +237,7 @@ def check_family(family: str, model: Optional[str] = None, timeout: int = 600) -
             try:
                 if step == 'build':
                     ptl = ptl_timm.create_ptl_model(model, num_classes=NUM_CLASSES, img_size=size)
+                    row['layout'] = ptl.output_fmt + (' (list)' if ptl.final_in_list else '')
                 elif step == 'forward_backward':
                     _forward_backward(ptl, x)
                 elif step == 'state':
@@ -241,8 +255,9 @@ def check_family(family: str, model: Optional[str] = None, timeout: int = 600) -
                 row['torchscript'] = 'ok'
             except Exception as e:
                 row['torchscript'] = _reason(e)
+                row['twin_scripts'] = _twin_scripts(model, size)
     except Exception as e:  # the plain backbone itself cannot be built or classified
-        row.update(hierarchical=False, rule=f'plain backbone fails: {_reason(e)}')
+        row.update(pyramid=False, rule=f'plain backbone fails: {_reason(e)}')
     finally:
         signal.alarm(0)
         if old is not None:
@@ -259,43 +274,51 @@ def _cell(value: Optional[str]) -> str:
 
 
 def summary(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    cnn = [r for r in rows if r['hierarchical']]
-    working = [r for r in cnn if r['works']]
+    pyramids = [r for r in rows if r['pyramid']]
+    working = [r for r in pyramids if r['works']]
     early = [r for r in rows if not r['works'] and r.get('failed_step') == 'build']
     return dict(
-        families=len(rows), hierarchical=len(cnn), hierarchical_working=len(working),
-        hierarchical_working_pct=round(100 * len(working) / len(cnn), 1) if cnn else None,
-        not_hierarchical=len(rows) - len(cnn),
-        not_hierarchical_working=sum(r['works'] for r in rows if not r['hierarchical']),
+        families=len(rows), pyramids=len(pyramids), pyramids_working=len(working),
+        pyramids_working_pct=round(100 * len(working) / len(pyramids), 1) if pyramids else None,
+        not_pyramids=len(rows) - len(pyramids),
+        not_pyramids_working=sum(r['works'] for r in rows if not r['pyramid']),
         failures_at_build=len(early), failures=sum(not r['works'] for r in rows),
-        hierarchical_scriptable=sum(r.get('torchscript') == 'ok' for r in working),
+        pyramids_scriptable=sum(r.get('torchscript') == 'ok' for r in working),
+        pyramids_twin_scripts=sum(r.get('torchscript') == 'ok' or bool(r.get('twin_scripts')) for r in working),
     )
+
+
+def headline(stats: Dict[str, Any]) -> str:
+    return (
+        f'Feature-pyramid families that work: {stats["pyramids_working"]} of {stats["pyramids"]} '
+        f'({stats["pyramids_working_pct"]} %); not pyramids: {stats["not_pyramids"]} families, '
+        f'{stats["not_pyramids_working"]} of them work; failures at build time: {stats["failures_at_build"]} '
+        f'of {stats["failures"]}. TorchScript of the working pyramid families: {stats["pyramids_scriptable"]} of '
+        f'{stats["pyramids_working"]} ({stats["pyramids_twin_scripts"]} of whose plain backbones script).')
 
 
 def markdown(rows: Sequence[Dict[str, Any]], stats: Dict[str, Any]) -> str:
     lines = [
-        f'Hierarchical CNN families that work: {stats["hierarchical_working"]} of {stats["hierarchical"]} '
-        f'({stats["hierarchical_working_pct"]} %); not hierarchical: {stats["not_hierarchical"]} families, '
-        f'{stats["not_hierarchical_working"]} of them work; failures at build time: {stats["failures_at_build"]} '
-        f'of {stats["failures"]}. TorchScript of the working hierarchical families: '
-        f'{stats["hierarchical_scriptable"]} of {stats["hierarchical_working"]}.',
+        headline(stats),
         '',
-        '| family | model | kind | px | build | fwd/bwd | state | features_only | TorchScript | reason |',
-        '|---|---|---|---|---|---|---|---|---|---|',
+        '| family | model | kind | final features | px | build | fwd/bwd | state | features_only | TorchScript '
+        '| reason |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for r in rows:
-        kind = 'hierarchical CNN' if r['hierarchical'] else 'not hierarchical'
+        kind = 'pyramid' if r['pyramid'] else 'not a pyramid'
         reason = '' if r['works'] else (r.get(r.get('failed_step', ''), '') or r['rule'])
         if r['works'] and r.get('torchscript') not in (None, 'ok'):
-            reason = f'TorchScript: {r["torchscript"]}'
-
-        if not r['hierarchical'] and r['rule'] not in reason:
+            twin = 'the plain backbone scripts' if r.get('twin_scripts') else 'nor does the plain backbone'
+            reason = f'TorchScript ({twin}): {r["torchscript"]}'
+        if not r['pyramid'] and r['rule'] not in reason:
             reason = f'{r["rule"]}; PTL: {reason}' if reason else r['rule']
         reason = reason.replace('|', '/').replace('\n', ' ')
+        final = r.get('layout') or r.get('final', '-')
         lines.append(
-            f'| {r["family"]} | `{r["model"]}` | {kind} | {r.get("size", "-")} | {_cell(r.get("build"))} | '
-            f'{_cell(r.get("forward_backward"))} | {_cell(r.get("state"))} | {_cell(r.get("features_only"))} | '
-            f'{_cell(r.get("torchscript"))} | {reason} |')
+            f'| {r["family"]} | `{r["model"]}` | {kind} | {final} | {r.get("size", "-")} | '
+            f'{_cell(r.get("build"))} | {_cell(r.get("forward_backward"))} | {_cell(r.get("state"))} | '
+            f'{_cell(r.get("features_only"))} | {_cell(r.get("torchscript"))} | {reason} |')
     return '\n'.join(lines) + '\n'
 
 

@@ -63,11 +63,14 @@ if [ ! -f "$timm_src/tests/test_models.py" ]; then
 fi
 # every model this package registers (tests/timm_models.py), with its pretrained tags
 models="$(python tests/timm_models.py)"
-# GITHUB_ACTIONS: timm's tests as timm's CI runs them, without the tests that download pretrained weights. Nothing
-# is deselected: the ptl_densenet* models also pass the TorchScript test timm skips for its own densenet*.
+# GITHUB_ACTIONS: timm's tests as timm's CI runs them, without the tests that download pretrained weights. The
+# ptl_densenet* models also pass the TorchScript test timm skips for its own densenet*; tests/timm_twin_filters.py
+# gives a PTL model of a backbone timm counts as non-standard (Hiera: tokens) the tests timm runs on that backbone.
 # pytest-xdist: two workers of one thread each, as the 300-odd tests would not fit the suite's time in one.
-# -p timm_models (tests/timm_models.py): registers our models and the timeout mark timm's tests use
+# -p timm_models (tests/timm_models.py): registers our models and the timeout mark timm's tests use;
+# -p timm_twin_filters: a ptl_ model of a backbone timm lists as non-standard runs the tests timm runs on that backbone
 tests_dir="$PWD/tests"
 cd "$timm_src"
 OMP_NUM_THREADS=1 GITHUB_ACTIONS=true PYTHONPATH="$tests_dir${PYTHONPATH:+:$PYTHONPATH}" \
-    python -m pytest -q -n 2 -p timm_models -p no:cacheprovider tests/test_models.py -k "$models"
+    python -m pytest -q -n 2 -p timm_models -p timm_twin_filters -p no:cacheprovider \
+    tests/test_models.py -k "$models"

@@ -46,7 +46,7 @@ def test_measured_tables_come_from_results_files():
 def test_family_coverage_summary_comes_from_its_results_file():
     results = _results_lines()
     quoted = [(path, line) for path in DOCS for line in path.read_text().splitlines()
-              if line.startswith('Hierarchical CNN families that work:')]
+              if line.startswith('Feature-pyramid families that work:')]
     assert quoted, 'the docs lost the family coverage summary (benchmarks/results/family_coverage.md)'
     typed_in = [f'{path.relative_to(ROOT)}: {line[:90]}' for path, line in quoted if line not in results]
     assert not typed_in, 'not found in benchmarks/results/*.md:\n' + '\n'.join(typed_in)

@@ -213,6 +213,11 @@ def feature_model(
     """
     if out_indices is None:
         out_indices = tuple(range(len(model.feature_info)))
+    fmt = kwargs.get('output_fmt', 'NCHW')
+    if fmt != 'NCHW':  # the stage maps are the joins' NCHW maps, whatever layout the final features have
+        if fmt != getattr(model, 'output_fmt', None):  # timm's builder passes the model's final layout on
+            raise ValueError(f"The stage maps of {type(model).__name__} are NCHW; output_fmt={fmt!r} is not served.")
+        kwargs['output_fmt'] = 'NCHW'
     if not isinstance(feature_cls, str):
         return feature_cls(model, out_indices=out_indices, **kwargs)
     name = feature_cls.lower()

@@ -4,11 +4,13 @@ PTLNet reads a backbone's stage maps with timm's ``forward_intermediates``, whic
 for most CNNs (ResNet's slices a tuple by a variable index). :func:`staged_backbone` returns a copy of the
 backbone that shares every module, parameter and buffer with it (same ``state_dict`` keys) and adds
 ``forward_stages(x, feats)``: the modules ``forward_features`` calls, in the order it calls them, appending
-the output of every ``feature_info`` module to ``feats``. The copy is checked against ``forward_intermediates``
+the output of every ``feature_info`` module to ``feats`` (channels-last for Swin and MambaOut: ``stage_nhwc``
+says so, and the caller permutes them). The copy is checked against ``forward_intermediates``
 on an example input, so a backbone whose forward does more than chain its modules fails at once, by name.
 """
 import copy
-from typing import Any, Dict, List, Sequence, Tuple
+import warnings
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ class _StagedModule(nn.Module):
     need not be the order they were registered in), keeping the outputs of those in ``stage_taps``."""
     stage_body: List[str]
     stage_taps: List[str]
+    stage_nhwc: bool = False  # the taps are channels-last maps (the top copy only; set by staged_backbone)
 
     def forward_stages(self, x: torch.Tensor, feats: List[torch.Tensor]) -> torch.Tensor:
         for target in self.stage_body:
@@ -69,11 +72,11 @@ class _StagedSequential(nn.Sequential):
 def _unstaged(cls: type, state: Dict[str, Any]) -> nn.Module:
     """A pickled (or deep-copied) staged copy comes back as a module of its own class."""
     module = cls.__new__(cls)
-    module.__dict__.update({k: v for k, v in state.items() if k not in ('stage_body', 'stage_taps')})
+    module.__dict__.update({k: v for k, v in state.items() if k not in ('stage_body', 'stage_taps', 'stage_nhwc')})
     return module
 
 
-_CLASSES: Dict[Tuple[type, bool], type] = {}
+_CLASSES: Dict[Tuple[type, Union[bool, str]], type] = {}
 
 
 def _staged_copy(module: nn.Module, body: List[str], taps: List[str], groups: Dict[str, nn.Module],
@@ -96,12 +99,57 @@ def _staged_copy(module: nn.Module, body: List[str], taps: List[str], groups: Di
     return staged
 
 
+class _IntermediatesBackbone(nn.Module):
+    """Mixed into a copy of a backbone whose modules do not chain (its forward computes between them: position
+    embeddings, token reshapes) but whose own ``forward_intermediates`` compiles in TorchScript (Twins, LeViT,
+    MViTv2, PiT, TResNet, ...): ``forward_stages`` calls that."""
+
+    def forward_stages(self, x: torch.Tensor, feats: List[torch.Tensor]) -> torch.Tensor:
+        out = self.forward_intermediates(x)
+        assert torch.jit.isinstance(out, Tuple[torch.Tensor, List[torch.Tensor]])
+        final, maps = out
+        for m in maps:
+            feats.append(m)
+        return final
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats: List[torch.Tensor] = []
+        return self.forward_head(self.forward_stages(x, feats))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _unstaged, (type(self).__bases__[-1], self.__dict__)
+
+
 @torch.no_grad()
 def staged_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name: str) -> nn.Module:
     """A copy of the timm ``backbone`` with a scriptable ``forward_stages(x, feats) -> final``; ``feats`` gets
     the maps ``forward_intermediates`` gives. ``examples``: inputs (B, C, H, W) to check that on; the first must
     run, a later one the backbone cannot take (another size) is skipped. Checking at two sizes catches a forward
-    whose logic between modules depends on the input size (padding, say)."""
+    whose logic between modules depends on the input size (padding, say). Where the modules do not chain, a copy
+    that calls the backbone's own ``forward_intermediates``, if that compiles in TorchScript."""
+    try:
+        return _chained_backbone(backbone, examples, name)
+    except ValueError as chain_error:
+        final, _ = backbone.forward_intermediates(examples[0])
+        if not isinstance(final, torch.Tensor):  # CoaT, EfficientViM: a list of final features
+            raise
+        cls = type(backbone)
+        if (cls, 'intermediates') not in _CLASSES:
+            _CLASSES[cls, 'intermediates'] = type(
+                f'Intermediates{cls.__name__}', (_IntermediatesBackbone, cls), {'__module__': __name__})
+        staged = module_copy(backbone)
+        staged.__class__ = _CLASSES[cls, 'intermediates']
+        staged.stage_nhwc = False  # forward_intermediates gives NCHW maps
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')  # torch.jit.script's deprecation notice
+                torch.jit.script(staged)
+        except Exception:
+            raise chain_error from None
+        return staged
+
+
+def _chained_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name: str) -> nn.Module:
     taps = [info['module'] for info in backbone.feature_info]
     order: List[str] = []
     hooks = [m.register_forward_pre_hook(lambda m, i, n=n: order.append(n)) for n, m in backbone.named_modules() if n]
@@ -139,6 +187,11 @@ def staged_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name:
                                          f'{str(e).splitlines()[0] if str(e) else ""}') from e
             if not all(isinstance(t, torch.Tensor) for t in (got_final, *got)):
                 raise _not_a_chain(name, 'its modules chain into lists, not maps')
+            if i == 0:  # Swin's and MambaOut's stages run channels-last; forward_intermediates gives NCHW maps
+                staged.stage_nhwc = len(got) == len(feats) > 0 and not _same(got, feats) and \
+                    _same([a.permute(0, 3, 1, 2) if a.ndim == 4 else a for a in got], feats)
+            if staged.stage_nhwc:
+                got = [a.permute(0, 3, 1, 2) for a in got]
             if len(got) != len(feats) or not torch.equal(got_final, final) or \
                     not all(torch.equal(a, b) for a, b in zip(got, feats)):
                 raise _not_a_chain(name, f'chaining its modules does not give forward_intermediates\' maps at '
@@ -149,10 +202,15 @@ def staged_backbone(backbone: nn.Module, examples: Sequence[torch.Tensor], name:
     return staged
 
 
+def _same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
 def _not_a_chain(name: str, why: str) -> ValueError:
     return ValueError(
-        f'TorchScript of PTL on {name}: its forward_features is not a chain of its modules ({why}), so its stages '
-        'cannot be run in TorchScript. Use torch.export or torch.compile for this backbone.')
+        f'TorchScript of PTL on {name}: its forward_features is not a chain of its modules ({why}) and its '
+        'forward_intermediates does not compile in TorchScript, so its stages cannot be run in TorchScript. Use '
+        'torch.export or torch.compile for this backbone.')
 
 
 def module_copy(module: nn.Module) -> nn.Module:

@@ -7,7 +7,11 @@ r_0..r_{n-1} (timm's ``feature_info``)::
     h_0 = fuse_0(f_0)                            # 1x1 conv + BN + ReLU down to the branch width w_0
     c_k = cell_k(h_{k-1})                        # stride r_k / r_{k-1}, k = 1..n-1
     h_k = fuse_k(cat[f_k, c_k])                  # k = 1..n-2
-    features = cat[backbone final map, c_{n-1}]  # joined before the head
+    features = cat[backbone final map, c_{n-1}]  # joined before the head, in the backbone's own layout
+
+The cells always run on NCHW stage maps (``forward_intermediates``); the final features keep the backbone's
+layout (NCHW, NHWC as Swin's and MambaOut's, tokens as Hiera's or with class tokens, a list as CoaT's):
+``ptl_timm.models._layout`` joins the cell map in that layout and splits it again for the head.
 
 A stride of 4 or more is a chain of stride-2 cells (the ladder: ``ptl_timm.layers.ladder``). The head pools
 the backbone part with the backbone's own head (``pre_logits``: its pooling and, e.g. for ConvNeXt, its norm)
@@ -30,7 +34,13 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import timm
 import torch
 from timm.layers import SelectAdaptivePool2d, make_divisible, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, split_model_name_tag
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg_value,
+    register_model,
+    split_model_name_tag,
+)
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
@@ -46,7 +56,6 @@ from ..layers import (
     StateMode,
     bconv_cells,
     build_ladder,
-    match_size,
 )
 from ._helpers import (
     as_tuple,
@@ -59,6 +68,7 @@ from ._helpers import (
     set_feature_cfg,
     tagged_cfg,
 )
+from ._layout import FinalJoin, final_layout
 from ._stages import module_copy, staged_backbone
 
 __all__ = [
@@ -68,9 +78,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-# torch.fx.wrap patches the names of the module that calls it: this module's reference to the shape test too
-torch.fx.wrap('match_size')
-
 # an FX symbolic trace (torch.fx, timm's and torchvision's extractors), not torch.export or torch.compile; older
 # torch has only is_fx_tracing, which warns on newer torch that it covers both
 _is_fx_symbolic_tracing = getattr(
@@ -78,6 +85,10 @@ _is_fx_symbolic_tracing = getattr(
 
 # Cell width = backbone stage width x 1/8 (rounded to 8): ResNet-50 gets 8/32/64/128/256.
 DEFAULT_WIDTH_MULT = 0.125
+
+# the pool types of timm's SelectAdaptivePool2d, which pools the cell part; token pooling ('token', 'map')
+# has no counterpart on a cell map, which is averaged instead
+_MAP_POOLS = ('', 'avg', 'max', 'avgmax', 'catavgmax')
 
 
 def resolve_cell_widths(
@@ -98,6 +109,23 @@ def resolve_cell_widths(
     return [make_divisible(c * width_mult, 8) for c in stage_chs]
 
 
+def _pool_type(backbone: nn.Module) -> str:
+    """The global pool a timm model was created with (its own default), as a pool type name."""
+    for owner in (backbone, getattr(backbone, 'head', None)):
+        pool = getattr(owner, 'global_pool', None)
+        if isinstance(pool, str):
+            return pool
+        if isinstance(getattr(pool, 'pool_type', None), str):
+            return pool.pool_type
+    return 'avg'
+
+
+def _cell_pool(global_pool: str) -> SelectAdaptivePool2d:
+    """The pool of the cell part: the model's global pool, averaging where the backbone pools tokens."""
+    pool_type = global_pool if global_pool in _MAP_POOLS or global_pool.startswith('fast') else 'avg'
+    return SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
+
+
 def _shape(x: Any) -> str:
     """A backbone output's shape, or what it is instead of a tensor (some give a list of tensors)."""
     if isinstance(x, torch.Tensor):
@@ -114,7 +142,8 @@ class PTLNet(LadderMixin, nn.Module):
         backbone: timm model name (created without weights; load them with ``pretrained=True``).
         num_classes: classes of the final ``fc`` (0: no classifier, ``forward`` gives pooled features).
         in_chans: image channels.
-        global_pool: global pooling of the head, for the backbone part and the cell part alike.
+        global_pool: global pooling of the head, for the backbone part and the cell part alike (default: the
+            backbone's own; the cell part is averaged where the backbone pools tokens, e.g. ``'token'``).
         drop_rate: dropout before ``fc``.
         width_mult: cell width per stage as a fraction of the backbone stage's channels.
         cell_widths: explicit branch width w_k of every backbone stage (overrides ``width_mult``).
@@ -125,13 +154,14 @@ class PTLNet(LadderMixin, nn.Module):
             separate it from the PTL model (docs/benchmarks.md, "The question and the baselines").
         state_mode: latent state rule of every cell, see :class:`BConvCell`.
         state_slots: slots of the ``'carried'`` state.
-        img_size: nominal input size; the cells store their state at the grid it gives
-            (default: the backbone's pretrained input size).
+        img_size: nominal input size; the cells store their state at the grid it gives (default: the
+            backbone's pretrained input size). Passed to backbones of a fixed input size (Swin, Hiera, ...).
         kernel_size: kernel of the cells' gate convolutions.
         **backbone_kwargs: passed to the backbone (``drop_path_rate``, ``bn_eps``, ...).
 
-    Shapes: ``forward_features`` (B, in_chans, H, W) -> (B, backbone.num_features + w_last, H/32, W/32);
-    ``forward`` -> (B, num_classes).
+    Shapes: ``forward_features`` (B, in_chans, H, W) -> (B, backbone.num_features + w_last, H/32, W/32) for an
+    NCHW backbone, the backbone's own layout otherwise (Swin: (B, H/32, W/32, C + w_last); tokens:
+    (B, N, C + w_last)); ``forward`` -> (B, num_classes).
     """
 
     def __init__(
@@ -139,7 +169,7 @@ class PTLNet(LadderMixin, nn.Module):
             backbone: str,
             num_classes: int = 1000,
             in_chans: int = 3,
-            global_pool: str = 'avg',
+            global_pool: Optional[str] = None,
             drop_rate: float = 0.,
             width_mult: float = DEFAULT_WIDTH_MULT,
             cell_widths: Optional[Sequence[int]] = None,
@@ -161,13 +191,17 @@ class PTLNet(LadderMixin, nn.Module):
         self.drop_rate = drop_rate
         self.state_mode = state_mode
         check_model_name(backbone)
+        if img_size is not None and get_pretrained_cfg_value(backbone, 'fixed_input_size'):
+            backbone_kwargs.setdefault('img_size', img_size)  # its position embeddings, windows... fit that size
+        if global_pool is not None:
+            backbone_kwargs['global_pool'] = global_pool
         self.backbone = timm.create_model(
-            backbone, pretrained=False, num_classes=0, in_chans=in_chans, global_pool=global_pool, device=device,
-            dtype=dtype, **backbone_kwargs)
+            backbone, pretrained=False, num_classes=0, in_chans=in_chans, device=device, dtype=dtype,
+            **backbone_kwargs)
         if img_size is None:
             img_size = self.backbone.pretrained_cfg.get('input_size', (in_chans, 224, 224))[-2:]
         self.img_size = to_2tuple(img_size)
-        self._check_backbone()
+        self._probe_backbone()
         stage_info = self.backbone.feature_info
         stage_chs = [info['num_chs'] for info in stage_info]
         reductions = [info['reduction'] for info in stage_info]
@@ -198,14 +232,13 @@ class PTLNet(LadderMixin, nn.Module):
             dict(num_chs=chs + width, reduction=reduction, module=f'joins.{k}')
             for k, (chs, width, reduction) in enumerate(zip(stage_chs, widths, reductions))
         ]
-        self.backbone_features = self.backbone.num_features
         self.num_features = self.backbone_features + self.cell_widths[-1]
-        self.global_pool = global_pool
+        self.global_pool = _pool_type(self.backbone) if global_pool is None else global_pool
         # Unnormalised, the pooled cell features vary far less across images than the backbone's and the
         # classifier ignores them; the paper's MGN head has a BN after the join. Optional, off by default:
         # it did worse on validation (docs/benchmarks.md, "Defaults").
         self.cell_norm = nn.BatchNorm2d(self.cell_widths[-1]) if cell_norm else nn.Identity()
-        self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.cell_pool = _cell_pool(self.global_pool)
         self.head_hidden_size = self._pooled_width()
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
@@ -218,37 +251,68 @@ class PTLNet(LadderMixin, nn.Module):
         return torch.zeros(shape, device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()
-    def _check_backbone(self) -> None:
-        """Fail early, naming the reason, for a backbone whose features cannot feed the ladder."""
+    def _backbone_example(self, indices: Optional[List[int]] = None) -> Tuple[Any, List[torch.Tensor]]:
+        """The backbone's final features and stage maps (``indices``: those, after pruning) of one image, at a small
+        size it runs at (its fixed size, else 2 pixels at the last stage, else ``img_size``)."""
         name, bb = self.backbone_name, self.backbone
         if not hasattr(bb, 'forward_intermediates') or not getattr(bb, 'feature_info', None):
             raise ValueError(
                 f'{name} does not report stage features (feature_info + forward_intermediates); '
-                'PTL needs a timm CNN with stages.')
+                'PTL needs a timm backbone with stages (a feature pyramid).')
         size = (2 * max(info['reduction'] for info in bb.feature_info),) * 2
         if bb.pretrained_cfg.get('fixed_input_size'):
-            size = tuple(bb.pretrained_cfg['input_size'][-2:])
+            size = self.img_size
         was_training = bb.training
         bb.eval()
         try:
             try:
-                final, feats = bb.forward_intermediates(self._example(1, self.in_chans, *size))
+                return bb.forward_intermediates(self._example(1, self.in_chans, *size), indices=indices)
             except Exception:  # some CNNs (Inception, HaloNet) need more than 2 pixels at the last stage
                 size = self.img_size
-                final, feats = bb.forward_intermediates(self._example(1, self.in_chans, *size))
+                return bb.forward_intermediates(self._example(1, self.in_chans, *size), indices=indices)
         except Exception as e:
-            raise ValueError(f'{name} cannot run on a {size} input ({type(e).__name__}: {e}); PTL needs a CNN '
-                             'that runs at the img_size given to the model, without a fixed input size.') from e
+            raise ValueError(f'{name} cannot run on a {size} input ({type(e).__name__}: {e}); PTL needs a backbone '
+                             'that runs at the img_size given to the model.') from e
         finally:
             bb.train(was_training)
-        if not isinstance(final, torch.Tensor) or final.ndim != 4 or final.shape[1] != bb.num_features:
-            raise ValueError(
-                f'{name} gives final features of shape {_shape(final)}, not an NCHW map of '
-                f'{bb.num_features} channels (a token or channels-last model); PTL supports CNNs only.')
-        for info, feat in zip(bb.feature_info, feats):
+
+    def _probe_backbone(self, indices: Optional[List[int]] = None) -> None:
+        """Read the layout of the backbone's final features off one forward (``final_join``, ``backbone_features``:
+        their channels); fail early, naming the reason, for a backbone whose features cannot feed the ladder.
+        ``indices``: the stages a pruned backbone kept."""
+        name, bb = self.backbone_name, self.backbone
+        final, feats = self._backbone_example(indices)
+        infos = bb.feature_info if indices is None else [bb.feature_info[i] for i in indices]
+        for info, feat in zip(infos, feats):
             if not isinstance(feat, torch.Tensor) or feat.ndim != 4 or feat.shape[1] != info['num_chs']:
-                raise ValueError(f'{name} stage {info["module"]} gives {_shape(feat)}, not an NCHW map '
-                                 f'of {info["num_chs"]} channels; PTL supports CNNs only.')
+                raise ValueError(f'{name} stage {info["module"]} gives {_shape(feat)}, not an NCHW map of '
+                                 f'{info["num_chs"]} channels, from forward_intermediates; PTL needs NCHW stage maps.')
+        # a list (CoaT's scales, EfficientViM's states) joins its last element: the backbone's or the last stage's width
+        chs = [bb.num_features]
+        if isinstance(final, (list, tuple)):
+            chs.append(infos[-1]['num_chs'])
+        error = None
+        for c in chs:
+            try:
+                layout, prefix, grid, in_list = final_layout(final, feats[-1], c, getattr(bb, 'output_fmt', None))
+                break
+            except ValueError as e:
+                error = e
+        else:
+            raise ValueError(f'{name}: its {error}, so the cells cannot join them (a token or channels-last model '
+                             'of another layout).') from error
+        reductions = [info['reduction'] for info in bb.feature_info]
+        if layout != 'NCHW' and reductions[-1] <= reductions[0]:
+            raise ValueError(
+                f'{name} is not a feature pyramid (feature_info reductions {reductions}) and its final features '
+                f'{_shape(final)} are tokens or channels-last: a token or channels-last model joins the cells only '
+                'where its stages grow coarser (Swin, Hiera, MViTv2, ...). Use a hierarchical backbone.')
+        self.final_join = FinalJoin(layout, prefix, grid)
+        self.final_in_list = in_list
+        self.output_fmt = layout  # timm's name for the layout of forward_features (as Swin's 'NHWC')
+        self.backbone_features = c
+        # the final features' shapes (batch 1), to read the width the backbone's head gives them
+        self._final_shapes = [tuple(t.shape) for t in (final if in_list else [final])]
 
     @torch.no_grad()
     def _pooled_width(self) -> int:
@@ -256,10 +320,14 @@ class PTLNet(LadderMixin, nn.Module):
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            pooled = self.backbone.forward_head(self._example(1, self.backbone_features, 2, 2), pre_logits=True)
+            final = [self._example(*shape) for shape in self._final_shapes]
+            pooled = self.backbone.forward_head(final if self.final_in_list else final[0], pre_logits=True)
         finally:
             self.backbone.train(was_training)
-        return pooled.shape[1] + (self.num_features - self.backbone_features) * self.cell_pool.feat_mult()
+        if isinstance(pooled, (list, tuple)):  # unpooled list features (EfficientViM): the joined last element
+            pooled = pooled[-1]
+        cells = (self.num_features - self.backbone_features) * self.cell_pool.feat_mult()
+        return pooled.shape[self.final_join.channel_dim] + cells
 
     # --- latent state -------------------------------------------------------------------------------
     def reset_state(self) -> None:
@@ -315,7 +383,7 @@ class PTLNet(LadderMixin, nn.Module):
         if global_pool is not None:
             self.backbone.reset_classifier(0, global_pool)  # first: a head that refuses the pool changes nothing
             self.global_pool = global_pool
-            self.cell_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+            self.cell_pool = _cell_pool(global_pool)
             self.head_hidden_size = self._pooled_width()
         self.num_classes = num_classes
         ref = next(self.backbone.parameters())
@@ -389,7 +457,7 @@ class PTLNet(LadderMixin, nn.Module):
         if intermediates_only:
             return intermediates
         if len(outs) == self.num_stages - self.first_cell_stage:
-            _check_final(final, self.backbone_name)
+            _check_final(final, self.backbone_name, self.final_in_list)
             final = self._join(final, outs)
         return final, intermediates
 
@@ -412,25 +480,39 @@ class PTLNet(LadderMixin, nn.Module):
         self.fuses = self.fuses[:max_index]
         self.joins = self.joins[:max_index + 1]
         self.num_stages = max_index + 1
-        if prune_head or prune_end or self.backbone.num_features != self.backbone_features:
+        backbone_features = self.backbone_features
+        final, _ = self._backbone_example(take_indices)
+        if isinstance(final, (list, tuple)) == self.final_in_list:  # HRNet's pruned list of branches fails in forward
+            self._probe_backbone(take_indices)  # the pruned features may end in another layout (a token stage's map)
+        if prune_head or prune_end or self.backbone_features != backbone_features:
             # the head and the norm before it were sized for the last stage's cell and the backbone's final map
             self.cell_norm = nn.Identity()
-            self.backbone_features = self.backbone.num_features
             self.num_features = self.backbone_features + (self.cell_widths[max_index] if self.cells else 0)
             self.head_drop = nn.Identity()
             try:
                 self.reset_classifier(0, '')
             except AssertionError:  # heads that cannot drop their pooling (EfficientViT, InceptionNeXt) keep it, as
                 self.reset_classifier(0)  # the backbone's own prune does; its pruned head may have a new width
-                self.head_hidden_size = self._pooled_width()
+                try:
+                    self.head_hidden_size = self._pooled_width()
+                except AssertionError:  # CoaT's pruned head cannot run at all (its own forward_head says why)
+                    pass
         return take_indices
 
     def _join(self, final: torch.Tensor, outs: List[torch.Tensor]) -> torch.Tensor:
-        """The final features: the backbone's final map and the last cell map beside it (none: pruned to the
-        stages before the first cell)."""
+        """The final features: the backbone's final features and the last cell map beside it, in their layout
+        (none: pruned to the stages before the first cell)."""
         if len(outs) == 0:
             return final
-        return torch.cat([final, match_size(self.cell_norm(outs[-1]), final)], dim=1)
+        if self.final_in_list:
+            return self._join_list(final, self.cell_norm(outs[-1]))
+        return self.final_join(final, self.cell_norm(outs[-1]))
+
+    @torch.jit.unused
+    def _join_list(self, final: Any, cells: torch.Tensor) -> torch.Tensor:
+        """A list of final features (CoaT's scales, EfficientViM's states) gets the cells in its last element.
+        Returns that list: the annotation is for TorchScript, which compiles list backbones nowhere."""
+        return [*final[:-1], self.final_join(final[-1], cells)]
 
     def _backbone_maps(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The backbone's final features and stage maps; scripted, through the staged copy of the backbone
@@ -438,13 +520,15 @@ class PTLNet(LadderMixin, nn.Module):
         if torch.jit.is_scripting():
             feats: List[torch.Tensor] = []
             final = self.backbone.forward_stages(x, feats)
+            if self.backbone.stage_nhwc:  # Swin's and MambaOut's stages run channels-last
+                feats = [f.permute(0, 3, 1, 2) for f in feats]
             return final, feats
         return self._backbone_intermediates(x)
 
     @torch.jit.unused
     def _backbone_intermediates(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         final, feats = self.backbone.forward_intermediates(x)
-        _check_final(final, self.backbone_name)
+        _check_final(final, self.backbone_name, self.final_in_list)
         return final, feats
 
     def __prepare_scriptable__(self) -> 'PTLNet':
@@ -470,11 +554,25 @@ class PTLNet(LadderMixin, nn.Module):
         return self._join(final, outs)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        backbone_part, cell_part = x.split([self.backbone_features, x.shape[1] - self.backbone_features], dim=1)
-        x = torch.cat([
-            self.backbone.forward_head(backbone_part, pre_logits=True),
-            self.cell_pool(cell_part),
-        ], dim=1)
+        """The backbone's part of the features through the backbone's own head (its pooling and norm), the cell
+        part through the cell pool, side by side; then dropout and ``fc``."""
+        if self.final_in_list:
+            return self._forward_head_list(x, pre_logits)
+        backbone_part, cell_part = self.final_join.split(x, self.backbone_features)
+        return self._head(self.backbone.forward_head(backbone_part, pre_logits=True), cell_part, pre_logits)
+
+    @torch.jit.unused
+    def _forward_head_list(self, x: Any, pre_logits: bool) -> torch.Tensor:
+        if self.cell_pool.is_identity():  # unpooled: the list itself, as the backbone's head leaves it
+            return x
+        backbone_part, cell_part = self.final_join.split(x[-1], self.backbone_features)
+        return self._head(self.backbone.forward_head([*x[:-1], backbone_part], pre_logits=True), cell_part, pre_logits)
+
+    def _head(self, backbone_part: torch.Tensor, cell_part: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+        if self.cell_pool.is_identity():  # unpooled features: both parts in the backbone's layout
+            x = torch.cat([backbone_part, cell_part], dim=self.final_join.channel_dim)
+        else:
+            x = torch.cat([backbone_part, self.cell_pool(self.final_join.cell_map(cell_part))], dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)
 
@@ -492,8 +590,8 @@ def _check_input(x: torch.Tensor, in_chans: int, backbone: str) -> None:
 
 
 @torch.fx.wrap
-def _check_final(final: Any, backbone: str) -> None:
-    if not isinstance(final, torch.Tensor):  # timm's HRNet pruned to a branch keeps every branch's output
+def _check_final(final: Any, backbone: str, in_list: bool = False) -> None:
+    if not in_list and not isinstance(final, torch.Tensor):  # HRNet pruned to a branch keeps every branch's output
         raise ValueError(
             f'PTLNet({backbone}): the pruned backbone gives {_shape(final)} as its final features, not one map, so '
             'the cells cannot join it. Take the stage maps with forward_intermediates(x, intermediates_only=True) '
@@ -582,7 +680,8 @@ default_cfgs = generate_default_cfgs({
     **ptl_pretrained_cfgs('mobilenetv2_100'), **ptl_pretrained_cfgs('tf_efficientnet_lite0'),
     **ptl_pretrained_cfgs('tf_efficientnet_lite1'), **ptl_pretrained_cfgs('tf_efficientnet_lite2'),
     **ptl_pretrained_cfgs('efficientnet_b0'), **ptl_pretrained_cfgs('convnext_tiny'),
-    **ptl_pretrained_cfgs('regnety_016'),
+    **ptl_pretrained_cfgs('regnety_016'), **ptl_pretrained_cfgs('swin_tiny_patch4_window7_224'),
+    **ptl_pretrained_cfgs('hiera_tiny_224'), **ptl_pretrained_cfgs('mambaout_femto'),
     **manifest_pretrained_cfgs(_MANIFEST),  # full-PTL tags, after the backbone tags (not default)
 })
 
@@ -685,6 +784,27 @@ def ptl_convnext_tiny(pretrained: bool = False, **kwargs: Any) -> PTLNet:
 def ptl_regnety_016(pretrained: bool = False, **kwargs: Any) -> PTLNet:
     """PTL on timm's ``regnety_016``: branch widths 8/8/16/40/112 (1/8 of its stage widths)."""
     return _create_ptl('ptl_regnety_016', 'regnety_016', pretrained, **kwargs)
+
+
+@register_model
+def ptl_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``swin_tiny_patch4_window7_224`` (Swin-T): branch widths 16/24/48/96 (1/8 of its stage
+    widths); channels-last features (B, 7, 7, 864) at 224 px, Swin's own head."""
+    return _create_ptl('ptl_swin_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224', pretrained, **kwargs)
+
+
+@register_model
+def ptl_hiera_tiny_224(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``hiera_tiny_224`` (Hiera-T): branch widths 16/24/48/96 (1/8 of its stage widths); token
+    features (B, 49, 864) at 224 px, Hiera's own head."""
+    return _create_ptl('ptl_hiera_tiny_224', 'hiera_tiny_224', pretrained, **kwargs)
+
+
+@register_model
+def ptl_mambaout_femto(pretrained: bool = False, **kwargs: Any) -> PTLNet:
+    """PTL on timm's ``mambaout_femto``: branch widths 8/16/24/40 (1/8 of its stage widths); channels-last
+    features (B, 7, 7, 328) at 224 px, MambaOut's own head."""
+    return _create_ptl('ptl_mambaout_femto', 'mambaout_femto', pretrained, **kwargs)
 
 
 # The entry points above are the list of models; this is that list by backbone.

@@ -48,6 +48,7 @@ from common import (  # noqa: E402
     fmt_avg,
     fmt_ci,
     fmt_mean_std,
+    repo_path,
     results_path,
     run_key,
     shard,
@@ -501,11 +502,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def report_command(path: Path) -> str:
     """The command that rewrites the report of the store ``path`` from its records (run from the repository)."""
-    try:
-        shown = path.resolve().relative_to(Path(__file__).resolve().parents[1])
-    except ValueError:
-        shown = path
-    return f'python benchmarks/transfer.py --report --out {shown}'
+    return f'python benchmarks/transfer.py --report --out {repo_path(path)}'
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -97,6 +97,29 @@ def test_transfer_reports_regenerate_from_their_records_to_the_digit(name, tmp_p
     assert (tmp_path / f'{name}.md').read_text() == (RESULTS_DIR / f'{name}.md').read_text()
 
 
+@pytest.mark.parametrize('name, reference', [('emoji_reid', None), ('emoji_reid_xeon', 'emoji_reid'),
+                                             ('reid_retrieval', None)])
+def test_reid_reports_regenerate_from_their_records_to_the_digit(name, reference, tmp_path):
+    """The committed ReID reports (retired variants' rows, the target section, another machine's runs paired) are
+    exactly what --report writes from the records: the command their footer names."""
+    import emoji_reid
+    import reid_retrieval
+
+    store = RESULTS_DIR / f'{name}.jsonl'
+    records = list(Store(store).latest().values())
+    assert records and all(r['commit'] and r['core'] and r['env'] for r in records)
+    committed = (RESULTS_DIR / f'{name}.md').read_text()
+    script = 'reid_retrieval' if name == 'reid_retrieval' else 'emoji_reid'
+    command = f'python benchmarks/{script}.py --report --out benchmarks/results/{name}.jsonl' + (
+        f' --reference benchmarks/results/{reference}.jsonl' if reference else '')
+    assert committed.endswith(f'Regenerate: `{command}`.\n')
+    if name == 'reid_retrieval':
+        reid_retrieval.report(records, tmp_path / name, command)
+    else:
+        emoji_reid.report(records, tmp_path / name, command, RESULTS_DIR / f'{reference}.jsonl' if reference else None)
+    assert (tmp_path / f'{name}.md').read_text() == committed and (tmp_path / f'{name}.png').is_file()
+
+
 def test_model_table_regenerates_from_its_records(tmp_path):
     import model_table
 

@@ -4,7 +4,8 @@ API (a benchmark script puts ``benchmarks/`` on ``sys.path`` and imports these n
 
 - Results: ``results_path(name, quick)`` is ``benchmarks/results/<name>``, or the git-ignored
   ``benchmarks/results/quick/<name>`` for ``--quick`` smoke runs and tests (``RESULTS_DIR``, ``QUICK_DIR``);
-  ``repo_path(path)`` names a file as a command run from the repository root does (for a report's command).
+  ``repo_path(path)`` names a file as a command run from the repository root does (for a report's command);
+  ``store_file`` is the argparse type of a store's ``--out`` (a ``.jsonl`` file).
 - ``Store(path)``: a JSON-lines file, one record per run (``benchmarks/results/<name>.jsonl``). A record is a
   flat dict with a ``key`` (``run_key(fields)``: a stable digest of what defines the run); ``store.append(rec)``
   stamps it (``stamp()``: ``env``, the environment with the git ``commit`` and the ptl_timm ``core`` hash) and
@@ -24,6 +25,7 @@ Porting a benchmark: build its grid as records (one dict per run, ``key=run_key(
 ``store.done()``, ``store.append`` each result, and derive every table from ``store.latest().values()``.
 ``benchmarks/transfer.py`` is the worked example.
 """
+import argparse
 import fcntl
 import hashlib
 import json
@@ -162,6 +164,14 @@ def repo_path(path: Path) -> str:
         return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
     except ValueError:
         return str(path)
+
+
+def store_file(text: str) -> Path:
+    """The argparse type of a results store's path (``--out``): a .jsonl file, its report and plot go beside it."""
+    if Path(text).suffix != '.jsonl':
+        raise argparse.ArgumentTypeError(f'{text}: a results store is a .jsonl file (the report and plot are written '
+                                         'beside it)')
+    return Path(text)
 
 
 def results_path(name: str, quick: bool = False) -> Path:

@@ -65,6 +65,7 @@ from common import (  # noqa: E402
     run_key,
     shard,
     stamp,
+    store_file,
     t_ci95,
     write_report,
 )
@@ -423,7 +424,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--split-seed', type=int, default=0, help='fixes the identity split (keep it for all runs)')
     p.add_argument('--root', type=Path, help='node_modules folder of the emoji packages (default: see load_emoji_reid)')
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--out', type=Path, help='results store, .jsonl (default benchmarks/results/emoji_reid.jsonl; '
+    p.add_argument('--out', type=store_file, help='results store, .jsonl (default benchmarks/results/emoji_reid.jsonl; '
                    'with --quick benchmarks/results/quick/emoji_reid.jsonl, git-ignored)')
     p.add_argument('--quick', action='store_true', help='one seed, 2 epochs, 40 identities per part: a smoke test')
     p.add_argument('--report', action='store_true', help='only rebuild the tables and plot from --out')
@@ -442,8 +443,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         p.error(f'--seeds {args.seeds} is a count of seeds and runs nothing; for seed 0 alone write a list: --seeds 0,')
     args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(',') if s]
     args.out = args.out or results_path('emoji_reid.jsonl', quick=args.quick)
-    if args.out.suffix != '.jsonl':
-        p.error(f'--out {args.out}: a results store is a .jsonl file (the report and plot are written beside it)')
     args.max_identities = None
     args.quick_epochs = 2  # XBM switches on after the first epoch
     if args.quick:

@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     results_path,
     run_key,
     stamp,
+    store_file,
     write_report,
 )
 
@@ -220,7 +221,7 @@ def main() -> None:
     p.add_argument('--weight-decay', type=float, default=5e-4)
     p.add_argument('--margin', type=float)
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--out', type=Path, default=results_path('reid_retrieval.jsonl'), help='results store, .jsonl')
+    p.add_argument('--out', type=store_file, default=results_path('reid_retrieval.jsonl'), help='results store')
     p.add_argument('--report', action='store_true', help='only rebuild the table and plot from the records')
     real = p.add_argument_group('real ReID data (--data): the standard protocol with the PTL paper recipe')
     real.add_argument('--data', type=Path, help='dataset root, e.g. Market-1501-v15.09.15')
@@ -244,8 +245,6 @@ def main() -> None:
     if real:
         run_real(args)
         return
-    if args.out.suffix != '.jsonl':
-        p.error(f'--out {args.out}: a results store is a .jsonl file (the report and plot are written beside it)')
     store = Store(args.out)
     if not args.report:
         run_grid(args, store)

@@ -53,6 +53,7 @@ from common import (  # noqa: E402
     run_key,
     shard,
     stamp,
+    store_file,
     write_report,
 )
 
@@ -471,7 +472,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--weight-decay', type=float, default=0.01)
     p.add_argument('--workers', type=int, default=2, help='processes, 1 thread each')
-    p.add_argument('--out', help='results store, .jsonl (default benchmarks/results/transfer_default.jsonl; with '
+    p.add_argument('--out', type=store_file, help='results store, .jsonl (default '
+                   'benchmarks/results/transfer_default.jsonl; with '
                    '--quick benchmarks/results/quick/transfer.jsonl, git-ignored)')
     p.add_argument('--shard', metavar='I/N', help='run every N-th run of the grid from the I-th (processes sharing '
                    'one --out)')
@@ -481,9 +483,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.models, args.tasks, args.shots, args.seeds, args.min_steps = 'mobilenetv2_100', 'animal', '10', '1', 20
     default = 'transfer.jsonl' if args.quick else 'transfer_default.jsonl'
-    args.out = Path(args.out) if args.out else results_path(default, quick=args.quick)
-    if args.out.suffix != '.jsonl':
-        p.error(f'--out {args.out}: a results store is a .jsonl file (the report and plot are written beside it)')
+    args.out = args.out or results_path(default, quick=args.quick)
     args.models = args.models.split(',')
     args.tasks = args.tasks.split(',')
     bad = [t for t in args.tasks if t not in TASKS]

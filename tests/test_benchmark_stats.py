@@ -1,6 +1,7 @@
 """What the benchmarks record and compute (benchmarks/common.py, the benchmark core): the environment of a result,
 the results store, the statistics behind the documented claims against hand computations, and reports that
 regenerate from their records to the digit."""
+import argparse
 import json
 import math
 import sys
@@ -17,9 +18,11 @@ from common import (  # noqa: E402
     mean_of_means_ci95,
     paired,
     provenance,
+    repo_path,
     run_key,
     shard,
     stamp,
+    store_file,
     t_ci95,
 )
 
@@ -67,6 +70,14 @@ def test_store_appends_stamped_records_and_resumes_by_key(tmp_path):
     store.append(dict(key=b, acc=2.0), stamped)  # a rerun of a failed key replaces it
     assert store.done() == {a, b} and [r['key'] for r in store.latest().values()] == [a, b]
     assert len(store.records()) == 3 and all(r['env'] == stamped['env'] for r in store.records())
+
+
+def test_a_store_is_named_as_its_report_command_names_it(tmp_path):
+    assert store_file('out/runs.jsonl') == Path('out/runs.jsonl')
+    with pytest.raises(argparse.ArgumentTypeError, match=r'runs.json: a results store is a .jsonl file'):
+        store_file('runs.json')
+    assert repo_path(RESULTS_DIR / 'runs.jsonl') == 'benchmarks/results/runs.jsonl'
+    assert repo_path(tmp_path / 'runs.jsonl') == str(tmp_path / 'runs.jsonl')  # outside the repository: as given
 
 
 def test_shards_split_a_grid_without_overlap():

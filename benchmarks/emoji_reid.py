@@ -11,7 +11,7 @@ models over ImageNet MobileNetV2 (offline weights), 64 px, batch-hard
 triplet (margin 0.3) + cross-entropy with label smoothing 0.1, random flip + random erasing, AdamW with a
 one-cycle schedule; every variant of a seed sees the same batches, augmentations and initial backbone.
 Scoring: query = one vendor, gallery = the other three (cross-camera), cosine distance; mAP, rank-1 and
-mINP averaged over the four query vendors (per vendor in the JSON).
+mINP averaged over the four query vendors (per vendor in each record).
 
 Variants (``--variants``), see ``VARIANTS``:
   imagenet   ImageNet features, no training
@@ -428,7 +428,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                    'with --quick benchmarks/results/quick/emoji_reid.jsonl, git-ignored)')
     p.add_argument('--quick', action='store_true', help='one seed, 2 epochs, 40 identities per part: a smoke test')
     p.add_argument('--report', action='store_true', help='only rebuild the tables and plot from --out')
-    p.add_argument('--reference', type=Path, help='another results store: the report pairs the runs both hold '
+    p.add_argument('--reference', type=store_file, help='another results store: the report pairs the runs both hold '
                    '(how far another machine moves them)')
     args = p.parse_args(argv)
     args.schedules = args.schedules.split(',')

@@ -3,7 +3,9 @@
 API (a benchmark script puts ``benchmarks/`` on ``sys.path`` and imports these names):
 
 - Results: ``results_path(name, quick)`` is ``benchmarks/results/<name>``, or the git-ignored
-  ``benchmarks/results/quick/<name>`` for ``--quick`` smoke runs and tests (``RESULTS_DIR``, ``QUICK_DIR``).
+  ``benchmarks/results/quick/<name>`` for ``--quick`` smoke runs and tests (``RESULTS_DIR``, ``QUICK_DIR``);
+  ``repo_path(path)`` names a file as a command run from the repository root does (for a report's command);
+  ``store_file`` is the argparse type of a store's ``--out`` (a ``.jsonl`` file).
 - ``Store(path)``: a JSON-lines file, one record per run (``benchmarks/results/<name>.jsonl``). A record is a
   flat dict with a ``key`` (``run_key(fields)``: a stable digest of what defines the run); ``store.append(rec)``
   stamps it (``stamp()``: ``env``, the environment with the git ``commit`` and the ptl_timm ``core`` hash) and
@@ -23,6 +25,7 @@ Porting a benchmark: build its grid as records (one dict per run, ``key=run_key(
 ``store.done()``, ``store.append`` each result, and derive every table from ``store.latest().values()``.
 ``benchmarks/transfer.py`` is the worked example.
 """
+import argparse
 import fcntl
 import hashlib
 import json
@@ -153,6 +156,22 @@ def write_json(path: Path, data: Dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + '.tmp')
     tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + '\n')
     os.replace(tmp, path)
+
+
+def repo_path(path: Path) -> str:
+    """``path`` as a command run from the repository root names it (relative there; as given outside it)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        return str(path)
+
+
+def store_file(text: str) -> Path:
+    """The argparse type of a results store's path (``--out``): a .jsonl file, its report and plot go beside it."""
+    if Path(text).suffix != '.jsonl':
+        raise argparse.ArgumentTypeError(f'{text}: a results store is a .jsonl file (the report and plot are written '
+                                         'beside it)')
+    return Path(text)
 
 
 def results_path(name: str, quick: bool = False) -> Path:

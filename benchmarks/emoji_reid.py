@@ -11,7 +11,7 @@ models over ImageNet MobileNetV2 (offline weights), 64 px, batch-hard
 triplet (margin 0.3) + cross-entropy with label smoothing 0.1, random flip + random erasing, AdamW with a
 one-cycle schedule; every variant of a seed sees the same batches, augmentations and initial backbone.
 Scoring: query = one vendor, gallery = the other three (cross-camera), cosine distance; mAP, rank-1 and
-mINP averaged over the four query vendors (per vendor in the JSON).
+mINP averaged over the four query vendors (per vendor in each record).
 
 Variants (``--variants``), see ``VARIANTS``:
   imagenet   ImageNet features, no training
@@ -28,8 +28,10 @@ are chosen on validation: the report shows only their validation scores. ``ema``
 state) and ``camstate`` (a state slot per camera) patched private methods of ptl_timm and were rejected on
 validation: they no longer run, and the report keeps their recorded rows.
 
-Runs append to ``benchmarks/results/emoji_reid.jsonl`` as they finish (a rerun skips finished runs; shards
-let several processes share the grid); ``--report`` writes emoji_reid.md / .json / .png from it::
+Runs append to a results store of the benchmark core (``benchmarks/common.py``),
+``benchmarks/results/emoji_reid.jsonl``, as they finish (a rerun skips finished runs; shards let several processes
+share the grid); ``--report`` writes emoji_reid.md / .png from its records alone; ``--quick`` writes to the
+git-ignored benchmarks/results/quick/::
 
     npm install --prefix ~/.cache/ptl_timm/npm emoji-datasource-{apple,google,twitter,facebook}@16.0.0
     python benchmarks/emoji_reid.py --schedules short,long --seeds 5 --shard 0/2 &   # two processes,
@@ -42,9 +44,6 @@ The same runs on another machine (another ``--out``) are compared run by run wit
 """
 import argparse
 import dataclasses
-import fcntl
-import hashlib
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -56,10 +55,22 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a frozen copy may win
-from common import RESULTS_DIR, core_hash, environment, t_ci95, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Store,
+    bar_plot,
+    fmt_ci,
+    fmt_mean_std,
+    repo_path,
+    results_path,
+    run_key,
+    shard,
+    stamp,
+    store_file,
+    t_ci95,
+    write_report,
+)
 
 SCHEDULES = {'short': 4, 'long': 12}
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,32 +209,12 @@ def run_variant(variant: Variant, splits: Dict[str, Any], args: argparse.Namespa
 # --- runs and records ------------------------------------------------------------------------------------
 def settings(args: argparse.Namespace, schedule: str) -> Dict[str, Any]:
     keys = ('img_size', 'p', 'k', 'lr', 'weight_decay', 'margin', 'xbm_memory', 'split_seed', 'max_identities')
-    return dict({k: getattr(args, k) for k in keys}, epochs=epochs_of(args, schedule))
+    return dict({k: getattr(args, k) for k in keys}, epochs=args.quick_epochs if args.quick else SCHEDULES[schedule])
 
 
-def epochs_of(args: argparse.Namespace, schedule: str) -> int:
-    return args.quick_epochs if args.quick else SCHEDULES[schedule]
-
-
-def run_key(schedule: str, variant: str, seed: int, sett: Dict[str, Any]) -> str:
-    digest = hashlib.sha1(json.dumps(sett, sort_keys=True).encode()).hexdigest()[:8]
-    return f'{schedule}/{variant}/{seed}/{digest}'
-
-
-def read_records(path: Path) -> List[Dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def append_record(path: Path, record: Dict[str, Any]) -> None:
-    """One JSON line per run, appended under a lock: several shards may finish at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + '\n')
-        f.flush()
-        fcntl.flock(f, fcntl.LOCK_UN)
+def key_of(schedule: str, variant: str, seed: int, sett: Dict[str, Any]) -> str:
+    """The run's key in the results store: the fields that define it."""
+    return run_key(dict(schedule=schedule, variant=variant, seed=seed, settings=sett))
 
 
 def planned(args: argparse.Namespace) -> Iterator[Tuple[str, str, int]]:
@@ -235,26 +226,22 @@ def planned(args: argparse.Namespace) -> Iterator[Tuple[str, str, int]]:
                 yield schedule, variant, seed
 
 
-def run_grid(args: argparse.Namespace) -> None:
+def run_grid(args: argparse.Namespace, store: Store) -> None:
     splits = load_splits(args)
-    env = environment()
-    todo = list(planned(args))
-    shard, shards = args.shard
-    todo = [t for i, t in enumerate(todo) if i % shards == shard]
-    done = {r['key'] for r in read_records(args.out)}
+    todo = shard(planned(args), args.shard)
     num_classes = int(splits['train'].pids.max()) + 1
     print(f'train {num_classes} identities / {len(splits["train"].pids)} images, val '
           f'{len(np.unique(splits["val"].pids))} / {len(splits["val"].pids)}, test '
-          f'{len(np.unique(splits["test"].pids))} / {len(splits["test"].pids)}; shard {shard}/{shards}: '
+          f'{len(np.unique(splits["test"].pids))} / {len(splits["test"].pids)}; shard {args.shard or "0/1"}: '
           f'{len(todo)} runs', flush=True)
+    stamped = stamp()
     for schedule, name, seed in _progress(todo):
         sett = settings(args, schedule)
-        key = run_key(schedule, name, seed, sett)
-        if key in done or key in {r['key'] for r in read_records(args.out)}:
-            continue  # finished before this process started, or since by another process on the same file
-        rec = dict(key=key, schedule=schedule, variant=name, seed=seed, settings=sett,
-                   **run_variant(VARIANTS[name], splits, args, seed, sett['epochs']), core=core_hash(), env=env)
-        append_record(args.out, rec)
+        key = key_of(schedule, name, seed, sett)
+        if key in store.done():  # finished before this process started, or since by another one on the same store
+            continue
+        rec = store.append(dict(key=key, schedule=schedule, variant=name, seed=seed, settings=sett,
+                                **run_variant(VARIANTS[name], splits, args, seed, sett['epochs'])), stamped)
         print(f'{schedule} {name} seed {seed}: test mAP {rec["test"]["mAP"]:.2f} rank-1 {rec["test"]["rank1"]:.2f} '
               f'| val mAP {rec["val"]["mAP"]:.2f} | {rec.get("train_s", 0):.0f} s', flush=True)
 
@@ -268,45 +255,43 @@ def _progress(items: Sequence[Any]) -> Iterator[Any]:
 
 
 # --- report ------------------------------------------------------------------------------------------------
-def _fmt_ci(values: Sequence[float]) -> str:
-    mean, lo, hi = t_ci95(values)
-    return f'{mean:+.2f} [{lo:+.2f}, {hi:+.2f}]' if len(values) > 1 else f'{mean:+.2f}'
+def _ci(values: Sequence[float]) -> str:
+    """The core's interval string; a single seed shows its value alone (this report's style)."""
+    return fmt_ci(values) if len(values) > 1 else f'{values[0]:+.2f}'
 
 
-def _fmt_mean(values: Sequence[float]) -> str:
-    a = np.asarray(values)
-    return f'{a.mean():.2f} ± {a.std(ddof=1):.2f}' if len(a) > 1 else f'{a.mean():.2f}'
+def _mean(values: Sequence[float]) -> str:
+    return fmt_mean_std(values).replace('+-', '±') if len(values) > 1 else f'{values[0]:.2f}'
 
 
-def latest(records: List[Dict[str, Any]]) -> Dict[Tuple[str, str, int], Dict[str, Any]]:
-    """(schedule, variant, seed) -> its last record among the schedule's most common settings (runs with other
+Runs = Dict[Tuple[str, str, int], Dict[str, Any]]
+
+
+def by_run(records: List[Dict[str, Any]]) -> Runs:
+    """(schedule, variant, seed) -> its record among the schedule's most common settings (runs with other
     settings, e.g. a trial learning rate, never mix into the tables); imagenet counts under every schedule."""
-    def digest(r: Dict[str, Any]) -> str:
-        return r['key'].rsplit('/', 1)[1]
-
     trained = [r for r in records if r['variant'] != 'imagenet']
     schedules = sorted({r['schedule'] for r in trained})
-    main = {s: Counter(digest(r) for r in trained if r['schedule'] == s).most_common(1)[0][0] for s in schedules}
+    main = {s: Counter(run_key(r['settings']) for r in trained if r['schedule'] == s).most_common(1)[0][0]
+            for s in schedules}
     out = {}
     for r in records:
         if r['variant'] == 'imagenet':
             for schedule in schedules:
                 out[(schedule, 'imagenet', r['seed'])] = r
-        elif digest(r) == main[r['schedule']]:
+        elif run_key(r['settings']) == main[r['schedule']]:
             out[(r['schedule'], r['variant'], r['seed'])] = r
     return out
 
 
-def machine_section(by: Dict[Tuple[str, str, int], Dict[str, Any]],
-                    reference: Dict[Tuple[str, str, int], Dict[str, Any]], name: str) -> List[str]:
-    """Markdown: the same runs (schedule, variant, seed, settings) as recorded in another results file, paired:
-    how far another machine moves each run's mAP. Empty where the files share no run."""
+def machine_section(by: Runs, reference: Runs, name: str) -> List[str]:
+    """Markdown: the same runs (same key) as recorded in another results store, paired: how far another machine
+    moves each run's mAP. Empty where the stores share no run."""
     def cpu(r: Dict[str, Any]) -> str:
         env = r.get('env', {})
         return f'{env.get("cpu")} ({env.get("torch_cpu_capability") or "kernels not recorded"})'
 
-    shared = sorted(k for k in by if k in reference and k[1] != 'imagenet' and
-                    by[k]['key'] == reference[k]['key'])
+    shared = sorted(k for k in by if k in reference and k[1] != 'imagenet' and by[k]['key'] == reference[k]['key'])
     if not shared:
         return []
     lines = [f'### The same runs in `{name}` (another machine or core)', '',
@@ -320,85 +305,31 @@ def machine_section(by: Dict[Tuple[str, str, int], Dict[str, Any]],
             d = [by[(schedule, variant, sd)][part]['mAP'] - reference[(schedule, variant, sd)][part]['mAP']
                  for sd in seeds]
             lines.append(f'| {schedule} | {variant} | {part} | {len(seeds)} | ' +
-                         ', '.join(f'{x:+.2f}' for x in d) + f' | {_fmt_ci(d)} |')
+                         ', '.join(f'{x:+.2f}' for x in d) + f' | {_ci(d)} |')
     return lines + ['']
 
 
-def report(records: List[Dict[str, Any]], args: argparse.Namespace) -> Dict[str, Any]:
-    by = latest(records)
-    schedules = [s for s in SCHEDULES if any(k[0] == s for k in by)] or sorted({k[0] for k in by})
-    order = list(VARIANTS)
-    order[order.index('xbm_4096') + 1:order.index('xbm_4096') + 1] = RETIRED  # where they stood when they ran
-    variants = [v for v in order if any(k[1] == v for k in by)]
-    lines = ['# Many-identity ReID on emoji (4 vendors = cameras)', '',
-             f'Generated by `python benchmarks/emoji_reid.py --report` from `{args.out.name}`. Query = one vendor, '
-             'gallery = the other three; metrics (%) are means over the four query vendors; mean ± std over seeds; '
-             'paired differences over the same seeds with 95 % t-intervals.', '']
-    summary: Dict[str, Any] = {}
-    for schedule in schedules:
-        recs = {v: {k[2]: r for k, r in by.items() if k[0] == schedule and k[1] == v} for v in variants}
-        sample = next(r for v in variants for r in recs[v].values() if r['variant'] != 'imagenet')
-        s = sample['settings']
-        lines += [f'## {schedule} schedule: {s["epochs"]} epochs', '',
-                  f'{s["img_size"]} px, P={s["p"]} x K={s["k"]}, AdamW lr {s["lr"]:g} one-cycle, weight decay '
-                  f'{s["weight_decay"]:g}, triplet margin {s["margin"]:g} + CE (label smoothing 0.1), XBM memory '
-                  f'{s["xbm_memory"]}. Seeds per variant: ' +
-                  ', '.join(f'{v} {len(recs[v])}' for v in variants if recs[v]) + '.', '']
-        summary[schedule] = {}
-        for part in ('test', 'val'):
-            # variants under study are chosen on validation: their test scores stay out of the report, but for the
-            # pre-registered comparisons of the default recipe chosen that way (TEST_VARIANTS)
-            shown = [v for v in variants if recs[v] and (part == 'val' or v in TEST_VARIANTS)]
-            lines += [f'### {part}', '', '| variant | mAP | rank-1 | mINP | train s |', '|---|---|---|---|---|']
-            for v in shown:
-                rs = list(recs[v].values())
-                vals = {m: [r[part][m] for r in rs] for m in ('mAP', 'rank1', 'mINP')}
-                secs = [r['train_s'] for r in rs if 'train_s' in r]
-                lines.append(f'| {v} | ' + ' | '.join(_fmt_mean(vals[m]) for m in vals) +
-                             f' | {np.median(secs):.0f} |' if secs else f'| {v} | ' +
-                             ' | '.join(_fmt_mean(vals[m]) for m in vals) + ' | - |')
-                summary[schedule].setdefault(part, {})[v] = {m: float(np.mean(x)) for m, x in vals.items()}
-            lines.append('')
-            pairs = [(a, b) for a, b in COMPARISONS if a in shown and b in shown]
-            if pairs:
-                lines += ['| paired difference (mAP) | seeds | mean [95 % CI] | rank-1 |', '|---|---|---|---|']
-                for a, b in pairs:
-                    seeds = sorted(set(recs[a]) & set(recs[b]))
-                    if not seeds:
-                        continue
-                    d = {m: [recs[a][sd][part][m] - recs[b][sd][part][m] for sd in seeds] for m in ('mAP', 'rank1')}
-                    lines.append(f'| {a} - {b} | {len(seeds)} | {_fmt_ci(d["mAP"])} | {_fmt_ci(d["rank1"])} |')
-                    summary[schedule].setdefault(f'{part}_paired', {})[f'{a} - {b}'] = dict(
-                        zip(('mean', 'lo', 'hi'), t_ci95(d['mAP'])), seeds=seeds)
-                lines.append('')
-        lines += target_section(recs)
-        probe = [v for v in variants if recs[v] and 'test_state_zeroed' in next(iter(recs[v].values()))]
-        if probe:
-            lines += ['### What the state and the cells contribute at inference (mAP; the same trained models)', '',
-                      'Evaluated again with the latent state zeroed (the reference code\'s evaluation) and with the '
-                      'cells\' output zeroed; changes against the model as trained, paired, 95 % CI.', '',
-                      '| variant | part | as trained | state zeroed | cells\' output zeroed |', '|---|---|---|---|---|']
-            for v in probe:
-                rs = list(recs[v].values())
-                for part in ('val', 'test') if v in MAIN_VARIANTS else ('val',):
-                    lines.append(
-                        f'| {v} | {part} | {_fmt_mean([r[part]["mAP"] for r in rs])} | '
-                        f'{_fmt_ci([r[f"{part}_state_zeroed"]["mAP"] - r[part]["mAP"] for r in rs])} | '
-                        f'{_fmt_ci([r[f"{part}_cells_off"]["mAP"] - r[part]["mAP"] for r in rs])} |')
-            lines.append('')
-    if args.reference:
-        lines += machine_section(by, latest(read_records(args.reference)), args.reference.name)
-    env = records[-1].get('env', {})
-    lines += [f'Environment of the last run: {env.get("cpu")}, torch {env.get("torch")}, timm {env.get("timm")}, '
-              f'{env.get("torch_threads")} thread(s); ptl_timm core {records[-1].get("core")}, commit '
-              f'{env.get("git_commit")}.', '']
-    md = '\n'.join(lines)
-    base = args.out.with_suffix('')
-    Path(f'{base}.md').write_text(md)
-    write_json(Path(f'{base}.json'), dict(summary=summary, environment=env, runs=len(records)))
-    plot(by, schedules, variants, Path(f'{base}.png'))
-    print(md)
-    return summary
+def part_section(recs: Dict[str, Dict[int, Dict[str, Any]]], variants: List[str], part: str) -> List[str]:
+    """Markdown: the scores of ``part`` (val or test) and the paired differences of COMPARISONS. Variants under
+    study are chosen on validation: their test scores stay out of the report, but for the pre-registered comparisons
+    of the default recipe chosen that way (TEST_VARIANTS)."""
+    shown = [v for v in variants if recs[v] and (part == 'val' or v in TEST_VARIANTS)]
+    lines = [f'### {part}', '', '| variant | mAP | rank-1 | mINP | train s |', '|---|---|---|---|---|']
+    for v in shown:
+        rs = list(recs[v].values())
+        secs = [r['train_s'] for r in rs if 'train_s' in r]
+        lines.append(f'| {v} | ' + ' | '.join(_mean([r[part][m] for r in rs]) for m in ('mAP', 'rank1', 'mINP')) +
+                     (f' | {np.median(secs):.0f} |' if secs else ' | - |'))
+    lines.append('')
+    pairs = [(a, b, sorted(set(recs[a]) & set(recs[b]))) for a, b in COMPARISONS if a in shown and b in shown]
+    pairs = [(a, b, seeds) for a, b, seeds in pairs if seeds]
+    if pairs:
+        lines += ['| paired difference (mAP) | seeds | mean [95 % CI] | rank-1 |', '|---|---|---|---|']
+        for a, b, seeds in pairs:
+            d = {m: [recs[a][sd][part][m] - recs[b][sd][part][m] for sd in seeds] for m in ('mAP', 'rank1')}
+            lines.append(f'| {a} - {b} | {len(seeds)} | {_ci(d["mAP"])} | {_ci(d["rank1"])} |')
+        lines.append('')
+    return lines
 
 
 def target_section(recs: Dict[str, Dict[int, Dict[str, Any]]]) -> List[str]:
@@ -411,37 +342,70 @@ def target_section(recs: Dict[str, Dict[int, Dict[str, Any]]]) -> List[str]:
         seeds = sorted(set(recs[DEFAULT]) & set(recs[other]))
         d = [recs[DEFAULT][sd]['test']['mAP'] - recs[other][sd]['test']['mAP'] for sd in seeds]
         mean, lo, _ = t_ci95(d)
-        wanted = [f'>= {least:+.1f}' if least is not None else '', 'interval above 0' if above else '']
-        wanted = [w for w in wanted if w]
+        wanted = [w for w in (f'>= {least:+.1f}' if least is not None else '', 'interval above 0' if above else '')
+                  if w]
         ok = (least is None or mean >= least) and (not above or lo > 0)
-        lines.append(f'| {DEFAULT} - {other} | {len(seeds)} | {_fmt_ci(d)} | {", ".join(wanted) or "-"} | '
+        lines.append(f'| {DEFAULT} - {other} | {len(seeds)} | {_ci(d)} | {", ".join(wanted) or "-"} | '
                      f'{("yes" if ok else "no") if wanted else "-"} |')
     return lines + ['']
 
 
-def plot(by: Dict[Tuple[str, str, int], Dict[str, Any]], schedules: List[str], variants: List[str], path: Path
-         ) -> None:
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('matplotlib is missing (pip install -e ".[bench]"): no plot', flush=True)
-        return
-    fig, axes = plt.subplots(1, len(schedules), figsize=(5.5 * len(schedules), 3.8), squeeze=False)
-    for ax, schedule in zip(axes[0], schedules):
-        for i, v in enumerate(variants):
-            vals = [r['test']['mAP'] for k, r in by.items() if k[0] == schedule and k[1] == v]
-            if vals:
-                ax.scatter([i] * len(vals), vals, s=14, alpha=0.6)
-                ax.errorbar(i, np.mean(vals), yerr=np.std(vals, ddof=1) if len(vals) > 1 else 0, fmt='k_',
-                            capsize=4)
-        ax.set_xticks(range(len(variants)), variants, rotation=30)
-        ax.set_title(f'{schedule} schedule: test mAP (%)')
-        ax.grid(axis='y', alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def probe_section(recs: Dict[str, Dict[int, Dict[str, Any]]], variants: List[str]) -> List[str]:
+    """Markdown: the PTL models scored again with the state zeroed and with the cells removed."""
+    probe = [v for v in variants if recs[v] and 'test_state_zeroed' in next(iter(recs[v].values()))]
+    if not probe:
+        return []
+    lines = ['### What the state and the cells contribute at inference (mAP; the same trained models)', '',
+             'Evaluated again with the latent state zeroed (the reference code\'s evaluation) and with the '
+             'cells\' output zeroed; changes against the model as trained, paired, 95 % CI.', '',
+             '| variant | part | as trained | state zeroed | cells\' output zeroed |', '|---|---|---|---|---|']
+    for v in probe:
+        rs = list(recs[v].values())
+        for part in ('val', 'test') if v in MAIN_VARIANTS else ('val',):
+            lines.append(f'| {v} | {part} | {_mean([r[part]["mAP"] for r in rs])} | '
+                         f'{_ci([r[f"{part}_state_zeroed"]["mAP"] - r[part]["mAP"] for r in rs])} | '
+                         f'{_ci([r[f"{part}_cells_off"]["mAP"] - r[part]["mAP"] for r in rs])} |')
+    return lines + ['']
+
+
+def paired_mAP(recs: Dict[str, Dict[int, Dict[str, Any]]], a: str, b: str) -> Dict[str, List[float]]:
+    """{part: per-seed mAP differences a - b}; test only where the report shows both variants' test scores."""
+    parts = ('val', 'test') if a in TEST_VARIANTS and b in TEST_VARIANTS else ('val',)
+    return {part: [recs[a][sd][part]['mAP'] - recs[b][sd][part]['mAP'] for sd in recs[a] if sd in recs[b]]
+            for part in parts}
+
+
+def report(records: List[Dict[str, Any]], stem: Path, command: str, reference: Optional[Path] = None) -> str:
+    """Markdown tables per schedule (test, val, the default recipe's target, the probes) and a plot of the paired
+    differences, from the records alone; with ``reference`` the runs both stores hold, paired."""
+    by = by_run(records)
+    schedules = [s for s in SCHEDULES if any(k[0] == s for k in by)] or sorted({k[0] for k in by})
+    order = list(VARIANTS)
+    order[order.index('xbm_4096') + 1:order.index('xbm_4096') + 1] = RETIRED  # where they stood when they ran
+    variants = [v for v in order if any(k[1] == v for k in by)]
+    lines = ['# Many-identity ReID on emoji (4 vendors = cameras)', '',
+             f'Generated by `python benchmarks/emoji_reid.py --report` from `{stem.name}.jsonl`. Query = one vendor, '
+             'gallery = the other three; metrics (%) are means over the four query vendors; mean ± std over seeds; '
+             'paired differences over the same seeds with 95 % t-intervals.', '']
+    plot_groups = []
+    for schedule in schedules:
+        recs = {v: {k[2]: r for k, r in by.items() if k[0] == schedule and k[1] == v} for v in variants}
+        s = next(r for v in variants for r in recs[v].values() if r['variant'] != 'imagenet')['settings']
+        lines += [f'## {schedule} schedule: {s["epochs"]} epochs', '',
+                  f'{s["img_size"]} px, P={s["p"]} x K={s["k"]}, AdamW lr {s["lr"]:g} one-cycle, weight decay '
+                  f'{s["weight_decay"]:g}, triplet margin {s["margin"]:g} + CE (label smoothing 0.1), XBM memory '
+                  f'{s["xbm_memory"]}. Seeds per variant: ' +
+                  ', '.join(f'{v} {len(recs[v])}' for v in variants if recs[v]) + '.', '']
+        lines += part_section(recs, variants, 'test') + part_section(recs, variants, 'val')
+        lines += target_section(recs) + probe_section(recs, variants)
+        plot_groups += [(f'{schedule}\n{a} - {b}', paired_mAP(recs, a, b)) for a, b in COMPARISONS
+                        if recs.get(a) and recs.get(b)]
+    if reference:
+        lines += machine_section(by, by_run(list(Store(reference).latest().values())), reference.name)
+    text = write_report(stem.with_suffix('.md'), '\n'.join(lines), records, command)
+    bar_plot(plot_groups, ['val', 'test'], stem.with_suffix('.png'), 'paired mAP difference (points, 95 % CI)',
+             records, command)
+    return text
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -449,7 +413,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--schedules', default='short,long', help=f'comma list of {list(SCHEDULES)}')
     p.add_argument('--variants', default=','.join(MAIN_VARIANTS), help=f'comma list of {list(VARIANTS)}')
     p.add_argument('--seeds', default='5', help='a count N (seeds 0..N-1) or a comma list (one seed: "3,")')
-    p.add_argument('--shard', default='0/1', help='i/n: run every n-th planned run starting at i')
+    p.add_argument('--shard', metavar='I/N', help='run every N-th planned run starting at the I-th')
     p.add_argument('--img-size', type=int, default=64)
     p.add_argument('--p', type=int, default=16)
     p.add_argument('--k', type=int, default=4)
@@ -460,10 +424,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--split-seed', type=int, default=0, help='fixes the identity split (keep it for all runs)')
     p.add_argument('--root', type=Path, help='node_modules folder of the emoji packages (default: see load_emoji_reid)')
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--out', type=Path, default=RESULTS_DIR / 'emoji_reid.jsonl')
+    p.add_argument('--out', type=store_file, help='results store, .jsonl (default benchmarks/results/emoji_reid.jsonl; '
+                   'with --quick benchmarks/results/quick/emoji_reid.jsonl, git-ignored)')
     p.add_argument('--quick', action='store_true', help='one seed, 2 epochs, 40 identities per part: a smoke test')
     p.add_argument('--report', action='store_true', help='only rebuild the tables and plot from --out')
-    p.add_argument('--reference', type=Path, help='another results file: the report pairs the runs both hold '
+    p.add_argument('--reference', type=store_file, help='another results store: the report pairs the runs both hold '
                    '(how far another machine moves them)')
     args = p.parse_args(argv)
     args.schedules = args.schedules.split(',')
@@ -477,19 +442,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.seeds.isdigit() and int(args.seeds) < 1:
         p.error(f'--seeds {args.seeds} is a count of seeds and runs nothing; for seed 0 alone write a list: --seeds 0,')
     args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(',') if s]
-    args.shard = tuple(int(x) for x in args.shard.split('/'))
+    args.out = args.out or results_path('emoji_reid.jsonl', quick=args.quick)
     args.max_identities = None
     args.quick_epochs = 2  # XBM switches on after the first epoch
     if args.quick:
         args.seeds, args.max_identities, args.schedules = args.seeds[:1], 40, args.schedules[:1]
-        if args.out == RESULTS_DIR / 'emoji_reid.jsonl':
-            args.out = RESULTS_DIR / 'emoji_reid_quick.jsonl'
     torch.set_num_threads(args.threads)
+    store = Store(args.out)
     if not args.report:
-        run_grid(args)
-    records = read_records(args.out)
+        run_grid(args, store)
+    records = list(store.latest().values())
     if records:
-        report(records, args)
+        command = f'python benchmarks/emoji_reid.py --report --out {repo_path(args.out)}' + (
+            f' --reference {repo_path(args.reference)}' if args.reference else '')
+        print(report(records, args.out.with_suffix(''), command, args.reference))
 
 
 if __name__ == '__main__':

@@ -14,12 +14,13 @@ training loop, ``ptl_timm.reid.train_reid``, with flip as the only augmentation 
 - ``ptl``: ``reid_ptl_mobilenetv2_100``.
 - ``imagenet``: ``plain`` without any training (ImageNet features + a fresh BN), the floor to beat.
 
-Backbones start from ImageNet weights shipped in a pip package (``ptl_timm.offline.weights``). Results:
-benchmarks/results/reid_retrieval.json (one record per run) and reid_retrieval.md. Examples::
+Backbones start from ImageNet weights shipped in a pip package (``ptl_timm.offline.weights``). Results: a
+results store of the benchmark core (``benchmarks/common.py``), benchmarks/results/reid_retrieval.jsonl (one record
+per run; a rerun skips finished runs), and reid_retrieval.md / .png written from its records alone. Examples::
 
     python benchmarks/reid_retrieval.py                         # Animal-MNIST, 5 seeds
     python benchmarks/reid_retrieval.py --task fashion --seeds 3
-    python benchmarks/reid_retrieval.py --report                # the table from the JSON only
+    python benchmarks/reid_retrieval.py --report                # the table and plot from the records only
 
 With real person ReID data (not available offline), ``--data`` runs the standard protocol instead: train
 on ``bounding_box_train`` with the PTL paper's recipe (Adam 2e-4, weight decay 5e-4, amsgrad, P=4 x K=4,
@@ -33,8 +34,6 @@ against ``bounding_box_test`` with flip-averaged features (mAP, CMC, mINP; with 
     python benchmarks/reid_retrieval.py --data /data/DukeMTMC-reID --dataset dukemtmc --model mgn_resnet50
 """
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -45,7 +44,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import core_hash, environment  # noqa: E402
+from common import (  # noqa: E402
+    Store,
+    bar_plot,
+    fmt_ci,
+    fmt_mean_std,
+    paired,
+    repo_path,
+    results_path,
+    run_key,
+    stamp,
+    store_file,
+    write_report,
+)
 
 from ptl_timm.reid import (  # noqa: E402  (importing registers the models)
     ArrayTable,
@@ -57,7 +68,6 @@ from ptl_timm.reid import (  # noqa: E402  (importing registers the models)
 )
 from ptl_timm.reid.train import embed_table  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / 'results'
 VARIANTS = ('imagenet', 'plain', 'control', 'ptl')
 MODELS = {'imagenet': 'reid_mobilenetv2_100', 'plain': 'reid_mobilenetv2_100', 'control': 'reid_ptl_mobilenetv2_100',
           'ptl': 'reid_ptl_mobilenetv2_100'}
@@ -125,7 +135,7 @@ def run_one(images: np.ndarray, labels: np.ndarray, variant: str, seed: int, arg
     rr = evaluate(q, g, *ids, rerank=True)
     return dict(task=args.task, variant=variant, seed=seed, mAP=100 * res.mAP, rank1=100 * res.rank1,
                 mINP=100 * res.mINP, mAP_rerank=100 * rr.mAP, rank1_rerank=100 * rr.rank1, train_s=train_s,
-                steps=steps, final_loss=loss, settings=settings(args), core=core_hash())
+                steps=steps, final_loss=loss, settings=settings(args))
 
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -134,27 +144,17 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: getattr(args, k) for k in keys}
 
 
-def _mean_std(v: List[float]) -> str:
-    a = np.asarray(v)
-    return f'{a.mean():.2f} +- {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}'
+METRICS = ('mAP', 'rank1', 'mINP', 'mAP_rerank')
 
 
-def _paired(a: List[float], b: List[float]) -> str:
-    """Mean paired difference with a 95 % t-interval (t quantiles for n = 2..10)."""
-    d = np.asarray(a) - np.asarray(b)
-    if len(d) < 2:
-        return f'{d.mean():+.2f} (n={len(d)})'
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(d), 1.96)
-    half = t * d.std(ddof=1) / math.sqrt(len(d))
-    return f'{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}]'
-
-
-def report(records: List[Dict[str, Any]]) -> str:
+def report(records: List[Dict[str, Any]], stem: Path, command: str) -> str:
+    """Per task, the table of the task's latest settings (mean +- std of each variant, paired differences of ptl)
+    and a plot of the paired mAP differences, from the records alone."""
     lines = ['### Disjoint-class retrieval (%, mean +- std over seeds; paired differences with 95 % t-interval)', '']
+    groups = []
     for task in sorted({r['task'] for r in records}):
-        last = [r for r in records if r['task'] == task][-1]  # the table shows the latest settings and code
-        recs = [r for r in records if r['task'] == task and (r['settings'], r.get('core')) ==
-                (last['settings'], last.get('core'))]
+        last = [r for r in records if r['task'] == task][-1]  # the table shows the latest settings
+        recs = [r for r in records if r['task'] == task and r['settings'] == last['settings']]
         by = {v: {r['seed']: r for r in recs if r['variant'] == v} for v in VARIANTS}
         seeds = sorted(set.intersection(*(set(by[v]) for v in VARIANTS)))
         if not seeds:
@@ -166,17 +166,23 @@ def report(records: List[Dict[str, Any]]) -> str:
                   f'{s["lr"]:g}, triplet margin {s["margin"]:g} + CE; {len(seeds)} seeds.', '',
                   '| metric | imagenet (no training) | plain | control | ptl | ptl - control | ptl - plain |',
                   '|---|---|---|---|---|---|---|']
-        for metric in ('mAP', 'rank1', 'mINP', 'mAP_rerank'):
-            vals = {v: [by[v][sd][metric] for sd in seeds] for v in VARIANTS}
-            lines.append(f'| {metric} | ' + ' | '.join(_mean_std(vals[v]) for v in VARIANTS) +
-                         f' | {_paired(vals["ptl"], vals["control"])} | {_paired(vals["ptl"], vals["plain"])} |')
+        for metric in METRICS:
+            vals = {v: {sd: by[v][sd][metric] for sd in seeds} for v in VARIANTS}
+            lines.append(f'| {metric} | ' + ' | '.join(fmt_mean_std(list(vals[v].values())) for v in VARIANTS) +
+                         f' | {fmt_ci(paired(vals["ptl"], vals["control"]))} | '
+                         f'{fmt_ci(paired(vals["ptl"], vals["plain"]))} |')
         secs = {v: np.mean([by[v][sd]['train_s'] for sd in seeds]) for v in VARIANTS[1:]}
         env = recs[-1].get('env', {})
         lines += ['', 'Training time per run (s, 1 thread, shared CPU): ' +
                   ', '.join(f'{v} {t:.0f}' for v, t in secs.items()) +
                   f'. ptl_timm core {recs[-1].get("core")}, commit {env.get("git_commit")}, torch {env.get("torch")}, '
                   f'timm {env.get("timm")}.', '']
-    return '\n'.join(lines)
+        mAP = {v: {sd: by[v][sd]['mAP'] for sd in seeds} for v in VARIANTS}
+        groups.append((task, {f'ptl - {b}': paired(mAP['ptl'], mAP[b]) for b in ('control', 'plain')}))
+    text = write_report(stem.with_suffix('.md'), '\n'.join(lines), records, command)
+    bar_plot(groups, ['ptl - control', 'ptl - plain'], stem.with_suffix('.png'),
+             'paired mAP difference (points, 95 % CI)', records, command)
+    return text
 
 
 def run_real(args: argparse.Namespace) -> None:
@@ -215,8 +221,8 @@ def main() -> None:
     p.add_argument('--weight-decay', type=float, default=5e-4)
     p.add_argument('--margin', type=float)
     p.add_argument('--threads', type=int, default=1)
-    p.add_argument('--out', type=Path, default=RESULTS / 'reid_retrieval.json')
-    p.add_argument('--report', action='store_true', help='only rebuild the table from the JSON')
+    p.add_argument('--out', type=store_file, default=results_path('reid_retrieval.jsonl'), help='results store')
+    p.add_argument('--report', action='store_true', help='only rebuild the table and plot from the records')
     real = p.add_argument_group('real ReID data (--data): the standard protocol with the PTL paper recipe')
     real.add_argument('--data', type=Path, help='dataset root, e.g. Market-1501-v15.09.15')
     real.add_argument('--dataset', default='market1501', choices=('market1501', 'dukemtmc', 'msmt17'))
@@ -239,28 +245,27 @@ def main() -> None:
     if real:
         run_real(args)
         return
-    records = json.loads(args.out.read_text()) if args.out.exists() else []
+    store = Store(args.out)
     if not args.report:
-        images, labels = load_task(args.task)
-        key = json.dumps(settings(args), sort_keys=True)
-        core = core_hash()
-        # a rerun skips finished runs of the same settings and core code
-        done = {(r['task'], r['variant'], r['seed'], json.dumps(r['settings'], sort_keys=True)) for r in records
-                if r.get('core') == core}
-        env = environment()
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for variant in args.variants.split(','):
-                if (args.task, variant, seed, key) in done:
-                    continue
-                rec = dict(run_one(images, labels, variant, seed, args), env=env)
-                print(f"{args.task} {variant} seed {seed}: mAP {rec['mAP']:.2f} rank-1 {rec['rank1']:.2f} "
-                      f"(re-ranked mAP {rec['mAP_rerank']:.2f}) {rec['train_s']:.0f}s", flush=True)
-                records.append(rec)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(records, indent=1) + '\n')
-    table = report(records)
-    args.out.with_suffix('.md').write_text(table + '\n')
-    print(table)
+        run_grid(args, store)
+    records = list(store.latest().values())
+    if records:
+        print(report(records, args.out.with_suffix(''), f'python benchmarks/reid_retrieval.py --report --out '
+                     f'{repo_path(args.out)}'))
+
+
+def run_grid(args: argparse.Namespace, store: Store) -> None:
+    """Every variant of every seed of ``args.task`` that the store does not hold yet."""
+    images, labels = load_task(args.task)
+    stamped = stamp()
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for variant in args.variants.split(','):
+            key = run_key(dict(task=args.task, variant=variant, seed=seed, settings=settings(args)))
+            if key in store.done():
+                continue
+            rec = store.append(dict(run_one(images, labels, variant, seed, args), key=key), stamped)
+            print(f"{args.task} {variant} seed {seed}: mAP {rec['mAP']:.2f} rank-1 {rec['rank1']:.2f} "
+                  f"(re-ranked mAP {rec['mAP_rerank']:.2f}) {rec['train_s']:.0f}s", flush=True)
 
 
 if __name__ == '__main__':

@@ -48,10 +48,12 @@ from common import (  # noqa: E402
     fmt_avg,
     fmt_ci,
     fmt_mean_std,
+    repo_path,
     results_path,
     run_key,
     shard,
     stamp,
+    store_file,
     write_report,
 )
 
@@ -470,7 +472,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--weight-decay', type=float, default=0.01)
     p.add_argument('--workers', type=int, default=2, help='processes, 1 thread each')
-    p.add_argument('--out', help='results store, .jsonl (default benchmarks/results/transfer_default.jsonl; with '
+    p.add_argument('--out', type=store_file, help='results store, .jsonl (default '
+                   'benchmarks/results/transfer_default.jsonl; with '
                    '--quick benchmarks/results/quick/transfer.jsonl, git-ignored)')
     p.add_argument('--shard', metavar='I/N', help='run every N-th run of the grid from the I-th (processes sharing '
                    'one --out)')
@@ -480,9 +483,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.models, args.tasks, args.shots, args.seeds, args.min_steps = 'mobilenetv2_100', 'animal', '10', '1', 20
     default = 'transfer.jsonl' if args.quick else 'transfer_default.jsonl'
-    args.out = Path(args.out) if args.out else results_path(default, quick=args.quick)
-    if args.out.suffix != '.jsonl':
-        p.error(f'--out {args.out}: a results store is a .jsonl file (the report and plot are written beside it)')
+    args.out = args.out or results_path(default, quick=args.quick)
     args.models = args.models.split(',')
     args.tasks = args.tasks.split(',')
     bad = [t for t in args.tasks if t not in TASKS]
@@ -501,11 +502,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def report_command(path: Path) -> str:
     """The command that rewrites the report of the store ``path`` from its records (run from the repository)."""
-    try:
-        shown = path.resolve().relative_to(Path(__file__).resolve().parents[1])
-    except ValueError:
-        shown = path
-    return f'python benchmarks/transfer.py --report --out {shown}'
+    return f'python benchmarks/transfer.py --report --out {repo_path(path)}'
 
 
 def main(argv: Optional[List[str]] = None) -> None:

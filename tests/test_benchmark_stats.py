@@ -1,6 +1,7 @@
 """What the benchmarks record and compute (benchmarks/common.py, the benchmark core): the environment of a result,
 the results store, the statistics behind the documented claims against hand computations, and reports that
 regenerate from their records to the digit."""
+import argparse
 import json
 import math
 import sys
@@ -17,9 +18,11 @@ from common import (  # noqa: E402
     mean_of_means_ci95,
     paired,
     provenance,
+    repo_path,
     run_key,
     shard,
     stamp,
+    store_file,
     t_ci95,
 )
 
@@ -69,6 +72,14 @@ def test_store_appends_stamped_records_and_resumes_by_key(tmp_path):
     assert len(store.records()) == 3 and all(r['env'] == stamped['env'] for r in store.records())
 
 
+def test_a_store_is_named_as_its_report_command_names_it(tmp_path):
+    assert store_file('out/runs.jsonl') == Path('out/runs.jsonl')
+    with pytest.raises(argparse.ArgumentTypeError, match=r'runs.json: a results store is a .jsonl file'):
+        store_file('runs.json')
+    assert repo_path(RESULTS_DIR / 'runs.jsonl') == 'benchmarks/results/runs.jsonl'
+    assert repo_path(tmp_path / 'runs.jsonl') == str(tmp_path / 'runs.jsonl')  # outside the repository: as given
+
+
 def test_shards_split_a_grid_without_overlap():
     items = list(range(7))
     parts = [shard(items, f'{i}/3') for i in range(3)]
@@ -95,6 +106,29 @@ def test_transfer_reports_regenerate_from_their_records_to_the_digit(name, tmp_p
     assert records and all(r['commit'] and r['core'] and r['env'] for r in records)
     transfer.report(records, tmp_path / name, transfer.report_command(store))
     assert (tmp_path / f'{name}.md').read_text() == (RESULTS_DIR / f'{name}.md').read_text()
+
+
+@pytest.mark.parametrize('name, reference', [('emoji_reid', None), ('emoji_reid_xeon', 'emoji_reid'),
+                                             ('reid_retrieval', None)])
+def test_reid_reports_regenerate_from_their_records_to_the_digit(name, reference, tmp_path):
+    """The committed ReID reports (retired variants' rows, the target section, another machine's runs paired) are
+    exactly what --report writes from the records: the command their footer names."""
+    import emoji_reid
+    import reid_retrieval
+
+    store = RESULTS_DIR / f'{name}.jsonl'
+    records = list(Store(store).latest().values())
+    assert records and all(r['commit'] and r['core'] and r['env'] for r in records)
+    committed = (RESULTS_DIR / f'{name}.md').read_text()
+    script = 'reid_retrieval' if name == 'reid_retrieval' else 'emoji_reid'
+    command = f'python benchmarks/{script}.py --report --out benchmarks/results/{name}.jsonl' + (
+        f' --reference benchmarks/results/{reference}.jsonl' if reference else '')
+    assert committed.endswith(f'Regenerate: `{command}`.\n')
+    if name == 'reid_retrieval':
+        reid_retrieval.report(records, tmp_path / name, command)
+    else:
+        emoji_reid.report(records, tmp_path / name, command, RESULTS_DIR / f'{reference}.jsonl' if reference else None)
+    assert (tmp_path / f'{name}.md').read_text() == committed and (tmp_path / f'{name}.png').is_file()
 
 
 def test_model_table_regenerates_from_its_records(tmp_path):

@@ -1,7 +1,7 @@
 """``ptl-timm train-reid`` end to end on tiny folders: a Market-1501 layout of JPEGs written here and an emoji subset.
 
-Trains a couple of steps, evaluates, writes a checkpoint that ``ptl-timm extract`` reads, resumes bit-exactly;
-plain, control (cells removed) and PTL models alike.
+Trains a couple of steps, evaluates, writes a checkpoint that ``ptl-timm extract``, ``export`` and ``deploy`` read,
+resumes bit-exactly; plain, control (cells removed) and PTL models alike.
 """
 import json
 import os
@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from helpers import repo_on_pythonpath
 from PIL import Image
 from test_emoji_reid import make_emoji_modules
 
 from ptl_timm.cli import build_parser, main
+from ptl_timm.deploy import load_exported
 from ptl_timm.reid import read_reid_data, train_reid
 from ptl_timm.reid.train import config_from_args, load_training_checkpoint
 
@@ -111,6 +113,18 @@ def test_train_evaluate_resume_bit_exactly_and_extract(market, tmp_path, model, 
                  str(tmp_path / 'straight' / 'last.pth.tar'), '--img-size', *SIZE, *kwargs]) == 0
     feats = np.load(npy)
     assert feats.shape[0] == 6 and np.isfinite(feats).all()
+
+    # ... and what `ptl-timm export` (a Hub folder, reloaded bit for bit) and `ptl-timm deploy` (.pt2) take: the
+    # deployed program gives the reloaded model's eval output
+    checkpoint = tmp_path / 'straight' / 'last.pth.tar'
+    assert main(['export', str(checkpoint), str(tmp_path / 'hub')]) == 0
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True).eval()
+    assert reloaded.state_dict().keys() == a['state_dict'].keys()
+    assert all(torch.equal(v, a['state_dict'][k]) for k, v in reloaded.state_dict().items())
+    assert main(['deploy', str(checkpoint), str(tmp_path / 'model.pt2'), '--no-check']) == 0  # checked below
+    x = torch.randn(2, 3, 64, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_exported(tmp_path / 'model.pt2')(x), reloaded(x))
 
 
 def test_train_reid_on_an_emoji_subset(tmp_path, monkeypatch):

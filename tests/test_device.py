@@ -140,13 +140,14 @@ def test_channels_last_matches_contiguous(device):
         torch.testing.assert_close(t, s, **TOL)
 
 
-def test_torch_compile_trains_like_eager(device):
-    """Compiled training gives the eager outputs, weights (so gradients) and state, step by step. Inductor on a
-    GPU; on the CPU aot_eager_decomp_partition: Dynamo's capture and inductor's decompositions and min-cut
-    partitioner (the one that may recompute a state read after its write) without the C++ build, which costs a
-    minute here."""
+@pytest.mark.parametrize('mode', ('shared', 'carried'))
+def test_torch_compile_trains_like_eager(device, mode):
+    """Compiled training gives the eager outputs, weights (so gradients) and state, step by step, for the
+    dataset-level and the per-slot state. Inductor on a GPU; on the CPU aot_eager_decomp_partition: Dynamo's
+    capture and inductor's decompositions and min-cut partitioner (the one that may recompute a state read after
+    its write) without the C++ build, which costs a minute here."""
     backend = 'inductor' if device.type == 'cuda' else 'aot_eager_decomp_partition'
-    eager, src = _model('shared').to(device), _model('shared').to(device)
+    eager, src = _model(mode).to(device), _model(mode).to(device)
     compiled = torch.compile(src, backend=backend)
     batches = _batches(3)
     for a, b in zip(_train(eager, batches, device), _train(compiled, batches, device)):

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -297,7 +297,6 @@ def static_costs(backbones: List[str], width_mults: List[float], img_size: int, 
 
 
 # --- issue 26: scaling with threads, eager and compiled --------------------------------------------------------------
-QUICK_DIR = RESULTS_DIR / 'quick'  # git-ignored: quick runs never overwrite the documented results
 SWEEP_TARGETS = dict(train=1.12, infer=1.10)  # ptl_resnet50, 2 threads, eager (issue 26)
 
 
@@ -313,11 +312,12 @@ def _quantiles(values: List[float]) -> Dict[str, float]:
     return dict(median=statistics.median(v), min=v[0], max=v[-1], q1=q[0], q3=q[2])
 
 
-def interleaved_pairs(fns: Dict[str, Dict[str, Callable[[], None]]], pairs: int) -> Dict[str, Dict[str, List[float]]]:
+def interleaved_pairs(fns: Dict[str, Dict[str, Callable[[], None]]], pairs: int,
+                      modes: Sequence[str]) -> Dict[str, Dict[str, List[float]]]:
     """Seconds of each call, plain and PTL back to back, the order alternating from one pair to the next."""
-    times: Dict[str, Dict[str, List[float]]] = {k: dict(train=[], infer=[]) for k in fns}
+    times: Dict[str, Dict[str, List[float]]] = {k: {m: [] for m in modes} for k in fns}
     for r in range(pairs):
-        for mode in ('train', 'infer'):
+        for mode in modes:
             for k in (('plain', 'ptl') if r % 2 == 0 else ('ptl', 'plain')):
                 times[k][mode].append(timed(fns[k][mode]))
     return times
@@ -336,14 +336,15 @@ def sweep_entry(backbone: str, threads: int, compiled: bool, args: argparse.Name
         run = torch.compile(m, backend='inductor') if compiled else m
         fns[k] = dict(train=_bound_train(m, run, x, y), infer=_bound_infer(m, run, x))
     t0 = time.perf_counter()
+    modes = args.compile_modes.split(',') if compiled else ['train', 'infer']
     for k in fns:  # warm-up: compilation, allocator, lazy init, optimiser state
         for _ in range(2):
-            fns[k]['train']()
-            fns[k]['infer']()
+            for mode in modes:
+                fns[k][mode]()
     warmup_s = time.perf_counter() - t0
-    times = interleaved_pairs(fns, args.pairs)
+    times = interleaved_pairs(fns, args.pairs, modes)
     out: Dict[str, Any] = dict(backbone=backbone, threads=threads, compiled=compiled, warmup_s=warmup_s, times=times)
-    for mode in ('train', 'infer'):
+    for mode in modes:
         out[mode] = _quantiles([q / p for p, q in zip(times['plain'][mode], times['ptl'][mode])])
         out[f'plain_{mode}_s'] = statistics.median(times['plain'][mode])
     return out
@@ -384,7 +385,8 @@ def run_sweep(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
     from tqdm import tqdm
 
     config = dict(batch=args.batch, img_size=args.img_size, pairs=args.pairs, threads=thread_counts(args.threads),
-                  compile_threads=thread_counts(args.compile_threads), backbones=args.backbones.split(','))
+                  compile_threads=thread_counts(args.compile_threads), compile_modes=args.compile_modes,
+                  backbones=args.backbones.split(','))
     data: Dict[str, Any] = dict(environment=environment(), config=config, static={}, results={}, skipped=[])
     if args.resume and path.exists():
         old = json.loads(path.read_text())
@@ -411,9 +413,15 @@ def run_sweep(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
     return data
 
 
-def _ratio_cell(q: Dict[str, float], target: Optional[float] = None) -> str:
+def _ratio_cell(q: Optional[Dict[str, float]], target: Optional[float] = None) -> str:
+    if q is None:
+        return '-'
     miss = ' (miss)' if target is not None and q['median'] > target else ''
     return f'{q["median"]:.3f}x ({q["min"]:.3f}-{q["max"]:.3f}){miss}'
+
+
+def _seconds(value: Optional[float], digits: int) -> str:
+    return '-' if value is None else f'{value:.{digits}f}'
 
 
 def sweep_report(data: Dict[str, Any], stem: Path) -> str:
@@ -424,8 +432,9 @@ def sweep_report(data: Dict[str, Any], stem: Path) -> str:
         f'({env.get("cpu_count")} cores, torch kernels {env.get("torch_cpu_capability")}), torch {env.get("torch")}, '
         f'core `{env.get("ptl_core_hash")}`. Each of {cfg["pairs"]} pairs times plain and PTL back to back; '
         'a cell gives the median of the pairs\' time ratios PTL / plain and their range (min-max). Compiled: '
-        '`torch.compile` (inductor), after warm-up. Params and FLOPs are the exact ratios, the floor of a '
-        f'compute-bound CPU. Targets (issue 26, resnet50, 2 threads, eager): training step <= '
+        f'`torch.compile` (inductor) after warm-up, measuring {cfg.get("compile_modes")} (`-`: not measured). '
+        'Params and FLOPs are the exact ratios, the floor of a compute-bound CPU. Targets (issue 26, resnet50, '
+        '2 threads, eager): training step <= '
         f'{SWEEP_TARGETS["train"]}x, inference <= {SWEEP_TARGETS["infer"]}x.', '',
         '| backbone | threads | mode | train step | inference | plain train s | plain infer s | params | FLOPs |',
         '|---|---|---|---|---|---|---|---|---|',
@@ -437,9 +446,10 @@ def sweep_report(data: Dict[str, Any], stem: Path) -> str:
         graded = e['backbone'] == 'resnet50' and e['threads'] == 2 and not e['compiled']
         lines.append(
             f'| {e["backbone"]} | {e["threads"]} | {"compiled" if e["compiled"] else "eager"} | '
-            f'{_ratio_cell(e["train"], SWEEP_TARGETS["train"] if graded else None)} | '
-            f'{_ratio_cell(e["infer"], SWEEP_TARGETS["infer"] if graded else None)} | {e["plain_train_s"]:.3f} | '
-            f'{e["plain_infer_s"]:.4f} | {st["params"]:.3f}x | {st["flops"]:.3f}x |')
+            f'{_ratio_cell(e.get("train"), SWEEP_TARGETS["train"] if graded else None)} | '
+            f'{_ratio_cell(e.get("infer"), SWEEP_TARGETS["infer"] if graded else None)} | '
+            f'{_seconds(e.get("plain_train_s"), 3)} | {_seconds(e.get("plain_infer_s"), 4)} | '
+            f'{st["params"]:.3f}x | {st["flops"]:.3f}x |')
     if data['skipped']:
         lines += ['', 'Not measured (compile budget; rerun with `--resume` to add them): '
                   + ', '.join(f'`{k}`' for k in data['skipped']) + '.']
@@ -603,6 +613,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--compile-budget-s', type=float, default=240,
                    help='--threads-sweep: start no compiled measurement after this many seconds')
     p.add_argument('--no-compile', action='store_true', help='--threads-sweep: eager only')
+    p.add_argument('--compile-modes', default='infer', help="--threads-sweep: what the compiled runs measure, "
+                   "'infer' or 'train,infer' (compiling a training step takes several minutes per model)")
     p.add_argument('--resume', action='store_true', help='--threads-sweep: keep the finished measurements of the '
                    'results file (same configuration) and measure the rest')
     p.add_argument('--profile', action='store_true', help='where the ladder spends its time, by kind of op '
@@ -614,7 +626,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         args.batch = args.batch or 4
         out_dir = Path(args.out).parent
         if args.quick:
-            out_dir, args.batch, args.img_size, args.pairs, args.profile_calls = QUICK_DIR, 2, 96, 3, 3
+            out_dir, args.batch, args.img_size, args.pairs, args.profile_calls = out_dir / 'quick', 2, 96, 3, 3
             args.no_compile = True  # compiling takes minutes per model on 2 cores
         if args.threads_sweep:
             if args.quick:

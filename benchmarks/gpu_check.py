@@ -10,9 +10,10 @@ On a CUDA machine (``bash benchmarks/gpu_check.sh``, well under 10 minutes on on
    bf16 autocast, channels_last; eager and ``torch.compile``; plain and PTL interleaved repeat by repeat in
    one process, medians; peak memory of training (``torch.cuda.max_memory_allocated``);
 3. profiles one eager PTL training step (the kernels that cost most, and the ladder's share);
-4. checks the distributed state rule on the device: two ranks (gloo, both on this device), DDP without buffer
-   broadcast, different data per rank, a few training steps in ``'shared'`` and ``'carried'`` mode; every cell's
-   state must be identical on both ranks (the cells' own averaging) and must have moved;
+4. (run right after the tests) checks the distributed state rule on the device: two ranks (gloo, both on this
+   device), DDP without buffer broadcast, different data per rank, a few training steps in ``'shared'`` and
+   ``'carried'`` mode; every cell's state must be identical on both ranks (the cells' own averaging) and must
+   have moved;
 5. records the environment (GPU, driver, CUDA, cuDNN, torch, timm).
 
 The device tests include the carried state (state rules, round trips) and compiled training against eager in
@@ -354,6 +355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print('device tests ...', flush=True)
     data['tests'] = run_device_tests(device, args.out, args.tests, args.tests_timeout_s)
     print(f'  {data["tests"]["summary"]}', flush=True)
+    print('distributed state rule ...', flush=True)
+    data['ddp'] = ddp_state_check(device, args.out)
+    print(f'  {"ok" if data["ddp"]["ok"] else "FAILED"}', flush=True)
     backbones = args.backbones.split(',')
     plan = [(b, False) for b in backbones] + ([(b, True) for b in backbones] if args.compile_backend else [])
     for backbone, compiled in plan:
@@ -368,8 +372,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             data['skipped'].append(f'{backbone} {"compiled" if compiled else "eager"} ({type(e).__name__}: {e})')
         write_json(args.out / 'gpu_check.json', data)
     data['profile'] = profile_step(backbones[0], args, device, args.out / 'profile.txt')
-    print('distributed state rule ...', flush=True)
-    data['ddp'] = ddp_state_check(device, args.out)
     data['seconds'] = time.perf_counter() - start
     write_json(args.out / 'gpu_check.json', data)
     text = report(data)

@@ -343,7 +343,8 @@ def sweep_entry(backbone: str, threads: int, compiled: bool, args: argparse.Name
                 fns[k][mode]()
     warmup_s = time.perf_counter() - t0
     times = interleaved_pairs(fns, args.pairs, modes)
-    out: Dict[str, Any] = dict(backbone=backbone, threads=threads, compiled=compiled, warmup_s=warmup_s, times=times)
+    out: Dict[str, Any] = dict(backbone=backbone, threads=threads, compiled=compiled, modes=modes, warmup_s=warmup_s,
+                               times=times)
     for mode in modes:
         out[mode] = _quantiles([q / p for p, q in zip(times['plain'][mode], times['ptl'][mode])])
         out[f'plain_{mode}_s'] = statistics.median(times['plain'][mode])
@@ -384,28 +385,32 @@ def static_ratios(backbone: str, img_size: int) -> Dict[str, Any]:
 def run_sweep(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
     from tqdm import tqdm
 
+    # what makes measurements comparable; which compiled runs to add is the plan of each invocation
     config = dict(batch=args.batch, img_size=args.img_size, pairs=args.pairs, threads=thread_counts(args.threads),
-                  compile_threads=thread_counts(args.compile_threads), compile_modes=args.compile_modes,
                   backbones=args.backbones.split(','))
     data: Dict[str, Any] = dict(environment=environment(), config=config, static={}, results={}, skipped=[])
     if args.resume and path.exists():
         old = json.loads(path.read_text())
-        if old['config'] == config:
+        if all(old['config'].get(k) == v for k, v in config.items()):
             data.update(static=old['static'], results=old['results'])
         else:
             print(f'--resume: {path} has another configuration ({old["config"]}); starting afresh')
     plan = [(b, t, False) for b in config['backbones'] for t in config['threads']]
-    plan += [(b, t, True) for b in config['backbones'] for t in config['compile_threads'] if not args.no_compile]
+    plan += [(b, t, True) for b in config['backbones'] for t in thread_counts(args.compile_threads)
+             if not args.no_compile]
+    compile_modes = args.compile_modes.split(',')
     start = time.perf_counter()
     for backbone, threads, compiled in tqdm(plan, unit='run'):
         key = f'{backbone}/{threads}/{"compiled" if compiled else "eager"}'
         if backbone not in data['static']:
             data['static'][backbone] = static_ratios(backbone, args.img_size)
-        if key in data['results']:
+        done = data['results'].get(key)
+        if done and (not compiled or set(compile_modes) <= set(done.get('modes', ()))):
             continue
         if compiled and time.perf_counter() - start > args.compile_budget_s:
-            data['skipped'].append(key)
+            data['skipped'] = sorted({*data['skipped'], key})
             continue
+        data['skipped'] = [k for k in data['skipped'] if k != key]
         data['results'][key] = sweep_entry(backbone, threads, compiled, args)
         write_json(path, data)
     data['environment'] = environment()
@@ -432,7 +437,7 @@ def sweep_report(data: Dict[str, Any], stem: Path) -> str:
         f'({env.get("cpu_count")} cores, torch kernels {env.get("torch_cpu_capability")}), torch {env.get("torch")}, '
         f'core `{env.get("ptl_core_hash")}`. Each of {cfg["pairs"]} pairs times plain and PTL back to back; '
         'a cell gives the median of the pairs\' time ratios PTL / plain and their range (min-max). Compiled: '
-        f'`torch.compile` (inductor) after warm-up, measuring {cfg.get("compile_modes")} (`-`: not measured). '
+        '`torch.compile` (inductor) after warm-up (`-`: not measured). '
         'Params and FLOPs are the exact ratios, the floor of a compute-bound CPU. Targets (issue 26, resnet50, '
         '2 threads, eager): training step <= '
         f'{SWEEP_TARGETS["train"]}x, inference <= {SWEEP_TARGETS["infer"]}x.', '',

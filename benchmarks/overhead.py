@@ -27,11 +27,11 @@ at 160 px, at 1 and 2 threads and at the machine's core count, eager and compile
 written to ``overhead_threads.json`` / ``.md``. Each repeat times plain and PTL back to back (in alternating
 order), so the ratio of one pair sees one machine load; the table gives the median of the pair ratios and their
 range. Every finished (backbone, threads, mode) is saved at once and ``--resume`` skips it, so an interrupted run
-continues where it stopped; compiling (minutes per model on 2 cores) stops being started after
-``--compile-budget-s`` and the table names what was left out. ``--profile`` writes where the ladder's time goes
-by kind of op (torch.profiler, ``overhead_profile.json`` / ``.md``)::
+continues where it stopped; compiled runs (minutes per model on 2 cores) stop being started once
+``--compile-budget-s`` seconds went to them, and the table names what was left out. ``--profile`` writes where the
+ladder's time goes by kind of op (torch.profiler, ``overhead_profile.json`` / ``.md``)::
 
-    python benchmarks/overhead.py --threads-sweep --resume   # five backbones; compiled until the budget is used
+    python benchmarks/overhead.py --threads-sweep            # five backbones; compiled until the budget is used
     python benchmarks/overhead.py --profile                  # ptl_resnet50, 2 threads, batch 4 at 160 px
     python benchmarks/overhead.py --threads-sweep --profile --quick  # eager, small: under benchmarks/results/quick/
 """
@@ -399,7 +399,7 @@ def run_sweep(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
     plan += [(b, t, True) for b in config['backbones'] for t in thread_counts(args.compile_threads)
              if not args.no_compile]
     compile_modes = args.compile_modes.split(',')
-    start = time.perf_counter()
+    compiling_s = 0.0  # spent on compiled runs by this invocation
     for backbone, threads, compiled in tqdm(plan, unit='run'):
         key = f'{backbone}/{threads}/{"compiled" if compiled else "eager"}'
         if backbone not in data['static']:
@@ -407,11 +407,13 @@ def run_sweep(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
         done = data['results'].get(key)
         if done and (not compiled or set(compile_modes) <= set(done.get('modes', ()))):
             continue
-        if compiled and time.perf_counter() - start > args.compile_budget_s:
+        if compiled and compiling_s > args.compile_budget_s:
             data['skipped'] = sorted({*data['skipped'], key})
             continue
         data['skipped'] = [k for k in data['skipped'] if k != key]
+        t0 = time.perf_counter()
         data['results'][key] = sweep_entry(backbone, threads, compiled, args)
+        compiling_s += (time.perf_counter() - t0) if compiled else 0.0
         write_json(path, data)
     data['environment'] = environment()
     write_json(path, data)
@@ -622,8 +624,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--sweep-threads', dest='threads_list', default='1,2,0',
                    help='--threads-sweep: thread counts (0 = the core count)')
     p.add_argument('--compile-threads', default='2', help='--threads-sweep: thread counts of the compiled runs')
-    p.add_argument('--compile-budget-s', type=float, default=240,
-                   help='--threads-sweep: start no compiled measurement after this many seconds')
+    p.add_argument('--compile-budget-s', type=float, default=150,
+                   help='--threads-sweep: start no compiled measurement once this many seconds went to compiled ones')
     p.add_argument('--no-compile', action='store_true', help='--threads-sweep: eager only')
     p.add_argument('--compile-modes', default='infer', help="--threads-sweep: what the compiled runs measure, "
                    "'infer' or 'train,infer' (compiling a training step takes several minutes per model)")

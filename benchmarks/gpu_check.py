@@ -10,7 +10,14 @@ On a CUDA machine (``bash benchmarks/gpu_check.sh``, well under 10 minutes on on
    bf16 autocast, channels_last; eager and ``torch.compile``; plain and PTL interleaved repeat by repeat in
    one process, medians; peak memory of training (``torch.cuda.max_memory_allocated``);
 3. profiles one eager PTL training step (the kernels that cost most, and the ladder's share);
-4. records the environment (GPU, driver, CUDA, cuDNN, torch, timm).
+4. (run right after the tests) checks the distributed state rule on the device: two ranks (gloo, both on this
+   device), DDP without buffer broadcast, different data per rank, a few training steps in ``'shared'`` and
+   ``'carried'`` mode; every cell's state must be identical on both ranks (the cells' own averaging) and must
+   have moved;
+5. records the environment (GPU, driver, CUDA, cuDNN, torch, timm).
+
+The device tests include the carried state (state rules, round trips) and compiled training against eager in
+``'shared'`` and ``'carried'`` mode (``tests/test_device.py``).
 
 Results: ``gpu_check.json`` (everything), ``gpu_check.md`` (tables), ``tests.log`` / ``junit.xml`` and
 ``profile.txt`` in ``--out``. Compiling is the slow part: the compiled measurements stop when ``--budget-s``
@@ -207,6 +214,72 @@ def profile_step(backbone: str, args: argparse.Namespace, device: torch.device, 
                 top=[dict(op=op, extra_us=t, extra_calls=n) for op, (t, n) in rows[:12]])
 
 
+# --- 4. the distributed state rule on the device ------------------------------------------------------------------
+DDP_MODES = ('shared', 'carried')
+
+
+def _ddp_worker(rank: int, world: int, port: int, device: str, out: str) -> None:
+    """One rank: a few DDP training steps per state mode on its own data; saves every cell's state."""
+    import datetime
+
+    import timm
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ptl_timm import bconv_cells
+
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        dev = torch.device(device)
+        states = {}
+        for mode in DDP_MODES:
+            torch.manual_seed(0)
+            model = timm.create_model('ptl_resnet18', num_classes=5, img_size=32, state_mode=mode, state_slots=6)
+            model = model.to(dev)
+            # no buffer broadcast (train.py --no-ddp-bb): only the cells' own averaging can make the ranks agree
+            ddp = DistributedDataParallel(model, broadcast_buffers=False)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            gen = torch.Generator().manual_seed(100 + rank)
+            for _ in range(3):
+                x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+                loss = F.cross_entropy(ddp(x.to(dev)), y.to(dev))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            states[mode] = [c.state.detach().cpu() for c in bconv_cells(model)]
+        torch.save(states, Path(out) / f'rank{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_state_check(device: torch.device, out: Path, world: int = 2) -> Dict[str, Any]:
+    """Two ranks on ``device``: is every cell's state identical across ranks, and did it move?"""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    t0 = time.perf_counter()
+    try:
+        mp.spawn(_ddp_worker, args=(world, port, str(device), str(out)), nprocs=world, join=True)
+    except Exception as e:  # the report says what failed; the other checks' results are kept
+        return dict(ok=False, error=f'{type(e).__name__}: {e}', seconds=time.perf_counter() - t0)
+    ranks = [torch.load(out / f'rank{r}.pt') for r in range(world)]
+    result: Dict[str, Any] = dict(seconds=time.perf_counter() - t0, modes={})
+    for mode in DDP_MODES:
+        cells = list(zip(*(r[mode] for r in ranks)))
+        result['modes'][mode] = dict(
+            cells=len(cells),
+            max_rank_difference=max(float((s[0] - t).abs().max()) for s in cells for t in s[1:]),
+            moved=all(bool(s[0].abs().sum() > 0) for s in cells))
+    result['ok'] = all(m['max_rank_difference'] == 0 and m['moved'] for m in result['modes'].values())
+    return result
+
+
 # --- report --------------------------------------------------------------------------------------------------------
 def report(data: Dict[str, Any]) -> str:
     env, cfg = data['environment'], data['config']
@@ -229,6 +302,15 @@ def report(data: Dict[str, Any]) -> str:
                      f'{1e3 * q["train_step_s"]:.1f} | {1e3 * q["infer_s"]:.1f} |')
     if data['skipped']:
         lines += ['', 'Not measured (time budget): ' + ', '.join(data['skipped']) + '.']
+    ddp = data.get('ddp')
+    if ddp:
+        lines += ['', f'## Distributed state rule on the device (2 ranks, gloo, DDP without buffer broadcast): '
+                  f'**{"ok" if ddp["ok"] else "FAILED"}**', '']
+        if 'error' in ddp:
+            lines.append(f'`{ddp["error"]}`')
+        for mode, m in ddp.get('modes', {}).items():
+            lines.append(f'- `{mode}`: {m["cells"]} cells, largest state difference between ranks '
+                         f'{m["max_rank_difference"]:.3g}, states moved: {m["moved"]}')
     prof = data.get('profile')
     if prof:
         lines += ['', f'## Where the extra time of one eager PTL training step goes ({prof["backbone"]}, profiler)', '',
@@ -273,6 +355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print('device tests ...', flush=True)
     data['tests'] = run_device_tests(device, args.out, args.tests, args.tests_timeout_s)
     print(f'  {data["tests"]["summary"]}', flush=True)
+    print('distributed state rule ...', flush=True)
+    data['ddp'] = ddp_state_check(device, args.out)
+    print(f'  {"ok" if data["ddp"]["ok"] else "FAILED"}', flush=True)
     backbones = args.backbones.split(',')
     plan = [(b, False) for b in backbones] + ([(b, True) for b in backbones] if args.compile_backend else [])
     for backbone, compiled in plan:
@@ -292,7 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = report(data)
     (args.out / 'gpu_check.md').write_text(text)
     print(text)
-    return 0 if data['tests']['returncode'] == 0 else 1
+    return 0 if data['tests']['returncode'] == 0 and data['ddp']['ok'] else 1
 
 
 if __name__ == '__main__':

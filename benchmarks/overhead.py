@@ -21,15 +21,29 @@ The ``where`` column splits one PTL inference forward into backbone (``forward_i
     python benchmarks/overhead.py                 # all five backbones, batch 8 at 160 px, 1 thread
     python benchmarks/overhead.py --quick         # resnet18 / mobilenetv2 at 96 px, 3 repeats
     python benchmarks/overhead.py --img-size 128 --static-widths 0.0625,0.125,0.25   # params / FLOPs only
+
+``--threads-sweep`` (issue 26) measures how the cost scales with threads: plain and PTL at default widths, batch 4
+at 160 px, at 1 and 2 threads and at the machine's core count, eager and compiled (``torch.compile``, inductor),
+written to ``overhead_threads.json`` / ``.md``. Each repeat times plain and PTL back to back (in alternating
+order), so the ratio of one pair sees one machine load; the table gives the median of the pair ratios and their
+range. Every finished (backbone, threads, mode) is saved at once and ``--resume`` skips it, so an interrupted run
+continues where it stopped; compiled runs (minutes per model on 2 cores) stop being started once
+``--compile-budget-s`` seconds went to them, and the table names what was left out. ``--profile`` writes where the
+ladder's time goes by kind of op (torch.profiler, ``overhead_profile.json`` / ``.md``)::
+
+    python benchmarks/overhead.py --threads-sweep            # five backbones; compiled until the budget is used
+    python benchmarks/overhead.py --profile                  # ptl_resnet50, 2 threads, batch 4 at 160 px
+    python benchmarks/overhead.py --threads-sweep --profile --quick  # eager, small: under benchmarks/results/quick/
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -282,10 +296,318 @@ def static_costs(backbones: List[str], width_mults: List[float], img_size: int, 
     return text
 
 
+# --- issue 26: scaling with threads, eager and compiled --------------------------------------------------------------
+SWEEP_TARGETS = dict(train=1.12, infer=1.10)  # ptl_resnet50, 2 threads, eager (issue 26)
+
+
+def thread_counts(spec: str) -> List[int]:
+    """``'1,2,0'`` -> [1, 2, cores]: 0 stands for the machine's core count; repeats are dropped."""
+    counts = [int(t) or (os.cpu_count() or 1) for t in spec.split(',')]
+    return sorted(set(counts))
+
+
+def _quantiles(values: List[float]) -> Dict[str, float]:
+    v = sorted(values)
+    q = statistics.quantiles(v, n=4, method='inclusive') if len(v) > 1 else [v[0]] * 3
+    return dict(median=statistics.median(v), min=v[0], max=v[-1], q1=q[0], q3=q[2])
+
+
+def interleaved_pairs(fns: Dict[str, Dict[str, Callable[[], None]]], pairs: int,
+                      modes: Sequence[str]) -> Dict[str, Dict[str, List[float]]]:
+    """Seconds of each call, plain and PTL back to back, the order alternating from one pair to the next."""
+    times: Dict[str, Dict[str, List[float]]] = {k: {m: [] for m in modes} for k in fns}
+    for r in range(pairs):
+        for mode in modes:
+            for k in (('plain', 'ptl') if r % 2 == 0 else ('ptl', 'plain')):
+                times[k][mode].append(timed(fns[k][mode]))
+    return times
+
+
+def sweep_entry(backbone: str, threads: int, compiled: bool, args: argparse.Namespace) -> Dict[str, Any]:
+    """One (backbone, threads, eager / compiled) measurement: per-pair time ratios PTL / plain."""
+    torch.set_num_threads(threads)
+    specs = specs_for(backbone, args.img_size)
+    models = {k: make_model(specs[k]) for k in ('plain', 'ptl')}
+    x, y = torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 1000, (args.batch,))
+    if compiled:
+        torch._dynamo.reset()  # each model and thread count compiles afresh (inductor bakes the thread count in)
+    fns = {}
+    for k, m in models.items():
+        run = torch.compile(m, backend='inductor') if compiled else m
+        fns[k] = dict(train=_bound_train(m, run, x, y), infer=_bound_infer(m, run, x))
+    t0 = time.perf_counter()
+    modes = args.compile_modes.split(',') if compiled else ['train', 'infer']
+    for k in fns:  # warm-up: compilation, allocator, lazy init, optimiser state
+        for _ in range(2):
+            for mode in modes:
+                fns[k][mode]()
+    warmup_s = time.perf_counter() - t0
+    times = interleaved_pairs(fns, args.pairs, modes)
+    out: Dict[str, Any] = dict(backbone=backbone, threads=threads, compiled=compiled, modes=modes, warmup_s=warmup_s,
+                               times=times)
+    for mode in modes:
+        out[mode] = _quantiles([q / p for p, q in zip(times['plain'][mode], times['ptl'][mode])])
+        out[f'plain_{mode}_s'] = statistics.median(times['plain'][mode])
+    return out
+
+
+def _bound_train(model: nn.Module, run: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        model.train()
+        loss = F.cross_entropy(run(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _bound_infer(model: nn.Module, run: Callable, x: torch.Tensor) -> Callable[[], None]:
+    def infer() -> None:
+        model.eval()
+        with torch.inference_mode():
+            run(x)
+    return infer
+
+
+def static_ratios(backbone: str, img_size: int) -> Dict[str, Any]:
+    """Parameter and FLOPs ratios PTL / plain: the floor a compute-bound CPU cannot beat."""
+    specs = specs_for(backbone, img_size)
+    out = {}
+    for k in ('plain', 'ptl'):
+        m = make_model(specs[k])
+        out[k] = dict(params=sum(p.numel() for p in m.parameters()), flops=count_flops(m, img_size))
+    return dict(params=out['ptl']['params'] / out['plain']['params'], flops=out['ptl']['flops'] / out['plain']['flops'],
+                **{f'plain_{k}': v for k, v in out['plain'].items()})
+
+
+def run_sweep(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    # what makes measurements comparable; which compiled runs to add is the plan of each invocation
+    config = dict(batch=args.batch, img_size=args.img_size, pairs=args.pairs, threads=thread_counts(args.threads),
+                  backbones=args.backbones.split(','))
+    data: Dict[str, Any] = dict(environment=environment(), config=config, static={}, results={}, skipped=[])
+    if args.resume and path.exists():
+        old = json.loads(path.read_text())
+        if all(old['config'].get(k) == v for k, v in config.items()):
+            data.update(static=old['static'], results=old['results'])
+        else:
+            print(f'--resume: {path} has another configuration ({old["config"]}); starting afresh')
+    plan = [(b, t, False) for b in config['backbones'] for t in config['threads']]
+    plan += [(b, t, True) for b in config['backbones'] for t in thread_counts(args.compile_threads)
+             if not args.no_compile]
+    compile_modes = args.compile_modes.split(',')
+    compiling_s = 0.0  # spent on compiled runs by this invocation
+    for backbone, threads, compiled in tqdm(plan, unit='run'):
+        key = f'{backbone}/{threads}/{"compiled" if compiled else "eager"}'
+        if backbone not in data['static']:
+            data['static'][backbone] = static_ratios(backbone, args.img_size)
+        done = data['results'].get(key)
+        if done and (not compiled or set(compile_modes) <= set(done.get('modes', ()))):
+            continue
+        if compiled and compiling_s > args.compile_budget_s:
+            data['skipped'] = sorted({*data['skipped'], key})
+            continue
+        data['skipped'] = [k for k in data['skipped'] if k != key]
+        t0 = time.perf_counter()
+        data['results'][key] = sweep_entry(backbone, threads, compiled, args)
+        compiling_s += (time.perf_counter() - t0) if compiled else 0.0
+        write_json(path, data)
+    data['environment'] = environment()
+    write_json(path, data)
+    return data
+
+
+def _ratio_cell(q: Optional[Dict[str, float]], target: Optional[float] = None) -> str:
+    if q is None:
+        return '-'
+    miss = ' (miss)' if target is not None and q['median'] > target else ''
+    return f'{q["median"]:.3f}x ({q["min"]:.3f}-{q["max"]:.3f}){miss}'
+
+
+def _seconds(value: Optional[float], digits: int) -> str:
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def sweep_report(data: Dict[str, Any], stem: Path) -> str:
+    cfg, env = data['config'], data['environment']
+    lines = [
+        '### Cost of PTL vs the plain backbone by threads, eager and compiled (CPU)', '',
+        f'Batch {cfg["batch"]} at {cfg["img_size"]} px, default cell widths; {env.get("cpu")} '
+        f'({env.get("cpu_count")} cores, torch kernels {env.get("torch_cpu_capability")}), torch {env.get("torch")}, '
+        f'core `{env.get("ptl_core_hash")}`. Each of {cfg["pairs"]} pairs times plain and PTL back to back; '
+        'a cell gives the median of the pairs\' time ratios PTL / plain and their range (min-max). Compiled: '
+        '`torch.compile` (inductor) after warm-up (`-`: not measured). '
+        'Params and FLOPs are the exact ratios, the floor of a compute-bound CPU. Targets (issue 26, resnet50, '
+        '2 threads, eager): training step <= '
+        f'{SWEEP_TARGETS["train"]}x, inference <= {SWEEP_TARGETS["infer"]}x.', '',
+        '| backbone | threads | mode | train step | inference | plain train s | plain infer s | params | FLOPs |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    order = {b: i for i, b in enumerate(cfg['backbones'])}
+    entries = sorted(data['results'].values(), key=lambda e: (order[e['backbone']], e['compiled'], e['threads']))
+    for e in entries:
+        st = data['static'][e['backbone']]
+        graded = e['backbone'] == 'resnet50' and e['threads'] == 2 and not e['compiled']
+        lines.append(
+            f'| {e["backbone"]} | {e["threads"]} | {"compiled" if e["compiled"] else "eager"} | '
+            f'{_ratio_cell(e.get("train"), SWEEP_TARGETS["train"] if graded else None)} | '
+            f'{_ratio_cell(e.get("infer"), SWEEP_TARGETS["infer"] if graded else None)} | '
+            f'{_seconds(e.get("plain_train_s"), 3)} | {_seconds(e.get("plain_infer_s"), 4)} | '
+            f'{st["params"]:.3f}x | {st["flops"]:.3f}x |')
+    if data['skipped']:
+        lines += ['', 'Not measured (compile budget; rerun with `--resume` to add them): '
+                  + ', '.join(f'`{k}`' for k in data['skipped']) + '.']
+    text = '\n'.join(lines) + '\n'
+    stem.with_suffix('.md').write_text(text)
+    return text
+
+
+# --- issue 26: where the ladder's time goes, by kind of op ---------------------------------------------------------
+OP_KINDS = ('convolution', 'gates and state mix (element-wise)', 'state read / write', 'resampling',
+            'BN + ReLU', 'cat / split / copies', 'other ops', 'Python and dispatch')
+
+
+def op_kind(name: str, in_state: bool) -> str:
+    """The kind of a profiled op (aten name) inside the ladder; ops under the cells' state read and write count
+    as such whatever they are."""
+    n = name.lower()
+    if in_state:
+        return 'state read / write'
+    if 'conv' in n:
+        return 'convolution'
+    if 'upsample' in n or 'interpolate' in n:
+        return 'resampling'
+    if 'batch_norm' in n or 'relu' in n or 'clamp_min' in n or 'threshold' in n:
+        return 'BN + ReLU'
+    if any(k in n for k in ('sigmoid', 'tanh', 'mul', 'neg', 'addcmul', 'aten::add', 'aten::sub', 'aten::div')):
+        return 'gates and state mix (element-wise)'
+    if any(k in n for k in ('cat', 'split', 'copy', 'clone', 'zero', 'fill', 'narrow', 'slice')):
+        return 'cat / split / copies'
+    return 'other ops'
+
+
+_STATE_LABEL = 'ptl_state_io'
+
+
+def _label_state_io() -> Callable[[], None]:
+    """Wrap the cells' state read and write in a profiler label; returns the undo."""
+    from ptl_timm.layers.bconv_cell import BConvCell
+
+    saved = {}
+    for name in ('_read_state', '_write_state'):
+        fn = getattr(BConvCell, name, None)
+        if fn is None:
+            continue
+
+        def labelled(self: nn.Module, *a: Any, _fn: Callable = fn, **kw: Any) -> Any:
+            with torch.profiler.record_function(_STATE_LABEL):
+                return _fn(self, *a, **kw)
+        saved[name] = fn
+        setattr(BConvCell, name, labelled)
+    return lambda: [setattr(BConvCell, k, v) for k, v in saved.items()]
+
+
+def _profile_kinds(fn: Callable[[], None], calls: int) -> Dict[str, float]:
+    """Milliseconds of one call of ``fn`` by op kind (self CPU time of the ops; wall time not in any op: Python):
+    of the fastest of ``calls`` profiled calls, the one least disturbed by other load on the machine."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    best = None
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        wall_us = (time.perf_counter() - t0) * 1e6
+        if best is None or wall_us < best[0]:
+            best = (wall_us, prof)
+    wall_us, prof = best
+    kinds = dict.fromkeys(OP_KINDS, 0.0)
+    for ev in prof.events():
+        if ev.name == _STATE_LABEL or ev.name.startswith('ProfilerStep') or not ev.name.startswith('aten::'):
+            continue
+        parent, in_state = ev.cpu_parent, False
+        while parent is not None:
+            in_state |= parent.name == _STATE_LABEL
+            parent = parent.cpu_parent
+        kinds[op_kind(ev.name, in_state)] += ev.self_cpu_time_total
+    kinds['Python and dispatch'] = max(wall_us - sum(kinds.values()), 0.0)
+    return {k: v / 1e3 for k, v in kinds.items()}
+
+
+def profile_ladder(backbone: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """The ladder's time (cells, fuses and the join of one forward; forward and backward in training) by kind
+    of op, against the plain backbone's forward and training step, at ``args.profile_threads``."""
+    torch.set_num_threads(args.profile_threads)
+    specs = specs_for(backbone, args.img_size)
+    plain, ptl = make_model(specs['plain']), make_model(specs['ptl'])
+    x, y = torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 1000, (args.batch,))
+    plain_train, plain_infer = _bound_train(plain, plain, x, y), _bound_infer(plain, plain, x)
+    ptl.eval()
+    with torch.inference_mode():
+        final, feats = ptl.backbone.forward_intermediates(x)
+
+    def ladder_infer() -> None:
+        with torch.inference_mode():
+            ptl._join(final, ptl._ladder(x, feats))
+
+    ptl.train()
+    t_final, t_feats = ptl.backbone.forward_intermediates(x)
+    t_final, t_feats = t_final.detach().requires_grad_(), [f.detach().requires_grad_() for f in t_feats]
+    grad = torch.randn_like(ptl._join(t_final, ptl._ladder(x, t_feats)))
+
+    def ladder_train() -> None:
+        ptl._join(t_final, ptl._ladder(x, t_feats)).backward(grad)
+
+    undo = _label_state_io()
+    try:
+        kinds = dict(infer=_profile_kinds(ladder_infer, args.profile_calls),
+                     train=_profile_kinds(ladder_train, args.profile_calls))
+    finally:
+        undo()
+    for fn in (plain_infer, plain_train):
+        fn()
+    base = dict(infer=min(timed(plain_infer) for _ in range(args.profile_calls)) * 1e3,
+                train=min(timed(plain_train) for _ in range(args.profile_calls)) * 1e3)
+    return dict(backbone=backbone, threads=args.profile_threads, batch=args.batch, img_size=args.img_size,
+                calls=args.profile_calls, kinds=kinds, plain_ms=base,
+                flops=static_ratios(backbone, args.img_size)['flops'])
+
+
+def profile_report(data: Dict[str, Any], stem: Path) -> str:
+    p, env = data['profile'], data['environment']
+    lines = [
+        f'### Where the ladder of ptl_{p["backbone"]} spends its time, by kind of op (torch.profiler)', '',
+        f'Batch {p["batch"]} at {p["img_size"]} px, {p["threads"]} thread(s); {env.get("cpu")}, torch '
+        f'{env.get("torch")}, core `{env.get("ptl_core_hash")}`. The ladder = the cells, the fuses and the join of '
+        'the final features, run on the backbone\'s stage maps: inference = one eval forward; training = its '
+        'forward and backward. Milliseconds of the fastest of several profiled calls (self time of the ops of '
+        'each kind; Python and dispatch = the wall time outside every op) and as % of the plain backbone\'s '
+        'fastest time for the same call (forward; training step with AdamW); the FLOPs ratio PTL / plain is '
+        f'{p["flops"]:.3f}x.', '',
+        '| kind | inference ms | % of plain forward | training ms | % of plain training step |',
+        '|---|---|---|---|---|',
+    ]
+    for kind in [*OP_KINDS, 'total']:
+        vals = {m: sum(p['kinds'][m].values()) if kind == 'total' else p['kinds'][m][kind] for m in ('infer', 'train')}
+        name = f'**{kind}**' if kind == 'total' else kind
+        lines.append(f'| {name} | {vals["infer"]:.2f} | {100 * vals["infer"] / p["plain_ms"]["infer"]:.1f} % | '
+                     f'{vals["train"]:.2f} | {100 * vals["train"] / p["plain_ms"]["train"]:.1f} % |')
+    lines += ['', f'Plain {p["backbone"]}: forward {p["plain_ms"]["infer"]:.1f} ms, training step '
+              f'{p["plain_ms"]["train"]:.1f} ms (fastest of {p.get("calls", "several")}).']
+    text = '\n'.join(lines) + '\n'
+    stem.with_suffix('.md').write_text(text)
+    return text
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--backbones', default=','.join(BACKBONES))
-    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--batch', type=int, help='default 8; 4 with --threads-sweep / --profile')
     p.add_argument('--img-size', type=int, default=160)
     p.add_argument('--repeats', type=int, default=7)
     p.add_argument('--threads', type=int, default=1)
@@ -295,7 +617,49 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--static-widths', help='only params and FLOPs at these width_mult values (comma list), '
                    'written to overhead_widths.json / .md')
     p.add_argument('--memory-child', help=argparse.SUPPRESS)
+    p.add_argument('--threads-sweep', action='store_true',
+                   help='PTL / plain at several thread counts, eager and compiled (overhead_threads.json / .md); '
+                   'batch 4 at 160 px unless --batch / --img-size say otherwise')
+    p.add_argument('--pairs', type=int, default=7, help='--threads-sweep: interleaved pairs per measurement')
+    p.add_argument('--sweep-threads', dest='threads_list', default='1,2,0',
+                   help='--threads-sweep: thread counts (0 = the core count)')
+    p.add_argument('--compile-threads', default='2', help='--threads-sweep: thread counts of the compiled runs')
+    p.add_argument('--compile-budget-s', type=float, default=150,
+                   help='--threads-sweep: start no compiled measurement once this many seconds went to compiled ones')
+    p.add_argument('--no-compile', action='store_true', help='--threads-sweep: eager only')
+    p.add_argument('--compile-modes', default='infer', help="--threads-sweep: what the compiled runs measure, "
+                   "'infer' or 'train,infer' (compiling a training step takes several minutes per model)")
+    p.add_argument('--resume', action='store_true', help='--threads-sweep: keep the finished measurements of the '
+                   'results file (same configuration) and measure the rest')
+    p.add_argument('--profile', action='store_true', help='where the ladder spends its time, by kind of op '
+                   '(overhead_profile.json / .md); batch 4 at 160 px unless --batch / --img-size say otherwise')
+    p.add_argument('--profile-threads', type=int, default=2)
+    p.add_argument('--profile-calls', type=int, default=15)
     args = p.parse_args(argv)
+    if args.threads_sweep or args.profile:
+        args.batch = args.batch or 4
+        out_dir = Path(args.out).parent
+        if args.quick:
+            out_dir, args.batch, args.img_size, args.pairs, args.profile_calls = out_dir / 'quick', 2, 96, 3, 3
+            args.no_compile = True  # compiling takes minutes per model on 2 cores
+        if args.threads_sweep:
+            if args.quick:
+                args.backbones, args.threads_list, args.compile_threads = 'resnet18,mobilenetv2_100', '1,2', '1'
+            args.threads = args.threads_list
+            path = out_dir / 'overhead_threads.json'
+            data = json.loads(path.read_text()) if args.report else run_sweep(args, path)
+            print(sweep_report(data, path.with_suffix('')))
+        if args.profile:
+            path = out_dir / 'overhead_profile.json'
+            if args.report:
+                data = json.loads(path.read_text())
+            else:
+                backbone = 'resnet18' if args.quick else 'resnet50'
+                data = dict(environment=environment(), profile=profile_ladder(backbone, args))
+                write_json(path, data)
+            print(profile_report(data, path.with_suffix('')))
+        return
+    args.batch = args.batch or 8
     if args.static_widths:
         torch.set_num_threads(args.threads)
         print(static_costs(args.backbones.split(','), [float(w) for w in args.static_widths.split(',')],

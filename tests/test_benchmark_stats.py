@@ -162,3 +162,37 @@ def test_transfer_grid_runs_resumes_and_reports_through_the_store(tmp_path, monk
     assert '0 runs to do (2 already in' in capsys.readouterr().out and len(Store(out).records()) == 2
     transfer.main(['--report', '--out', str(out)])
     assert out.with_suffix('.md').read_text() == report and out.with_suffix('.png').is_file()
+
+
+def test_overhead_sweep_statistics_and_thread_counts():
+    """The pair-ratio summary and the thread list of ``overhead.py --threads-sweep`` (issue 26)."""
+    import os
+
+    import overhead
+
+    q = overhead._quantiles([1.3, 1.0, 1.1, 1.2, 5.0])
+    assert (q['median'], q['min'], q['max'], q['q1'], q['q3']) == (1.2, 1.0, 5.0, 1.1, 1.3)
+    assert overhead.thread_counts('2,1,0,2') == sorted({1, 2, os.cpu_count()})
+    assert overhead._ratio_cell(q, target=1.1) == '1.200x (1.000-5.000) (miss)'
+    assert overhead._ratio_cell(None) == '-'
+
+
+@pytest.mark.slow
+def test_overhead_sweep_and_profile_quick(tmp_path):
+    """``--threads-sweep --profile --quick`` runs every step (eager) and writes its tables under quick/."""
+    import json
+
+    import overhead
+
+    overhead.main(['--threads-sweep', '--profile', '--quick', '--out', str(tmp_path / 'overhead.json')])
+    sweep = json.loads((tmp_path / 'quick' / 'overhead_threads.json').read_text())
+    assert set(sweep['results']) == {f'{b}/{t}/eager' for b in ('resnet18', 'mobilenetv2_100') for t in (1, 2)}
+    for entry in sweep['results'].values():
+        assert len(entry['times']['ptl']['train']) == 3 and entry['infer']['min'] <= entry['infer']['median']
+    assert 1 < sweep['static']['resnet18']['flops'] < 1.1
+    md = (tmp_path / 'quick' / 'overhead_threads.md').read_text()
+    assert '| resnet18 | 2 | eager |' in md
+    prof = json.loads((tmp_path / 'quick' / 'overhead_profile.json').read_text())['profile']
+    kinds = prof['kinds']
+    assert kinds['infer']['convolution'] > 0 and kinds['train']['gates and state mix (element-wise)'] > 0
+    assert 'Where the ladder of ptl_resnet18' in (tmp_path / 'quick' / 'overhead_profile.md').read_text()

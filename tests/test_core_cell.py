@@ -57,6 +57,28 @@ def test_no_gradient_into_earlier_batches():
     assert cell.conv.weight.grad is not None and x.grad is not None
 
 
+@pytest.mark.parametrize('mode', ('shared', 'carried', 'reset'))
+def test_gradients_are_those_of_the_equations(mode):
+    """The cell computes its tanh through sigmoid (a faster kernel): its gradients equal those of the paper's
+    equations with torch.tanh, in float64 to 1e-12."""
+    cell = _cell(mode, state_slots=3).double().train()
+    prev = torch.randn_like(cell.state)
+    cell.state.copy_(prev)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 4, 4, dtype=torch.float64)
+    (cell(x) * w).sum().backward()
+    got = x.grad, cell.conv.weight.grad
+    x.grad, cell.conv.weight.grad = None, None
+    i, f, o, g = _gates(cell, x)
+    read = prev[torch.arange(4) % 3] if mode == 'carried' else prev
+    c = i * g if mode == 'reset' else f * read + i * g
+    (o * torch.tanh(c) * w).sum().backward()
+    for a, b in zip(got, (x.grad, cell.conv.weight.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if mode == 'shared':  # the state is written through float32
+        torch.testing.assert_close(cell.state, c.detach().mean(0, keepdim=True), rtol=1e-6, atol=1e-6)
+
+
 def test_carried_state_uses_one_slot_per_batch_position():
     cell = _cell('carried', state_slots=3).train()
     prev = torch.randn(3, 5, 4, 4)

@@ -25,5 +25,7 @@ def test_gpu_check_quick_runs_every_step_on_the_cpu(tmp_path):
         assert r['ratios']['train'] > 0 and r['ratios']['infer'] > 0
         assert len(r['models']['ptl']['train_times']) == 2
     assert data['profile']['ptl_us'] > 0 and data['profile']['plain_us'] > 0 and data['profile']['top']
+    assert data['ddp']['ok'] and set(data['ddp']['modes']) == {'shared', 'carried'}, data['ddp']
     md = (tmp_path / 'gpu_check.md').read_text()
     assert '| resnet18 | eager |' in md and '| resnet18 | compiled |' in md and 'Device tests' in md
+    assert 'Distributed state rule on the device' in md and '**ok**' in md

@@ -127,7 +127,7 @@ def _state_read(
     if training:
         state = torch.ops.ptl_timm.state_copy(state) if snapshot is None else torch.ops.ptl_timm.state_read(
             state, snapshot)
-    prev = state.mean(0, keepdim=True)
+    prev = state if state.shape[0] == 1 else state.mean(0, keepdim=True)  # a one-slot mean is the slot itself
     if training and state.shape[0] > 1:
         # per slot while updating, the dataset-level state when frozen: selected on the flag's value, not
         # branched on it, so compiled and exported graphs serve both without a guard on the buffer's data.
@@ -174,6 +174,12 @@ def _state_write(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, car
         new = average_now_or_at_sync(new)
     # always written, the frozen flag selecting the old value: data, not control flow (see _state_read)
     torch.ops.ptl_timm.state_commit(state, torch.where(frozen, state, new.to(state.dtype)))
+
+
+def _mul_tanh(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``a * tanh(z)`` computed as ``2 a sigmoid(2 z) - a``: four cheap passes instead of one slow tanh (see
+    :meth:`BConvCell.forward`); the in-place sigmoid acts on a temporary that autograd does not keep."""
+    return torch.addcmul(a.neg(), a, (z * 2).sigmoid_(), value=2)
 
 
 class BConvCell(nn.Module):
@@ -269,17 +275,18 @@ class BConvCell(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_channels(x, self.in_chs)
-        gates = self.conv(x)
-        # one sigmoid over i, f, o and one tanh over g: these element-wise passes dominate the cell's cost
-        i, f, o = gates[:, :3 * self.out_chs].sigmoid().chunk(3, dim=1)
-        g = gates[:, 3 * self.out_chs:].tanh()
-        c = i * g
+        # Every tanh is taken as tanh(z) = 2 sigmoid(2z) - 1, the same function to float rounding: torch's CPU
+        # tanh kernel is several times slower than its sigmoid on some CPUs (docs/benchmarks.md, "Cost"). The
+        # split (not two slices) gives one gradient copy into the gates in backward.
+        ifo, g = self.conv(x).split([3 * self.out_chs, self.out_chs], dim=1)
+        i, f, o = ifo.sigmoid().chunk(3, dim=1)
+        c = _mul_tanh(i, g)
         if self.state_mode != 'reset':
             c = torch.addcmul(c, f, self._read_state(c).to(f.dtype))
             if self.training:
                 with torch.no_grad():
                     self._write_state(c.detach())
-        return o * c.tanh()
+        return _mul_tanh(o, c)
 
     @torch.no_grad()
     def reset_state(self) -> None:

@@ -133,9 +133,9 @@ def ptl_breakdown(model: nn.Module, x: torch.Tensor, repeats: int) -> Dict[str, 
         t0 = time.perf_counter()
         final, feats = model.backbone.forward_intermediates(x)
         t1 = time.perf_counter()
-        outs = model._ladder(x, feats)
+        features = model.forward_cells(x, final, feats)
         t2 = time.perf_counter()
-        model.forward_head(model._join(final, outs[-1]))
+        model.forward_head(features)
         t3 = time.perf_counter()
         parts['backbone'].append(t1 - t0)
         parts['ladder'].append(t2 - t1)
@@ -489,25 +489,9 @@ def op_kind(name: str, in_state: bool) -> str:
     return 'other ops'
 
 
-_STATE_LABEL = 'ptl_state_io'
-
-
-def _label_state_io() -> Callable[[], None]:
-    """Wrap the cells' state read and write in a profiler label; returns the undo."""
-    from ptl_timm.layers.bconv_cell import BConvCell
-
-    saved = {}
-    for name in ('_read_state', '_write_state'):
-        fn = getattr(BConvCell, name, None)
-        if fn is None:
-            continue
-
-        def labelled(self: nn.Module, *a: Any, _fn: Callable = fn, **kw: Any) -> Any:
-            with torch.profiler.record_function(_STATE_LABEL):
-                return _fn(self, *a, **kw)
-        saved[name] = fn
-        setattr(BConvCell, name, labelled)
-    return lambda: [setattr(BConvCell, k, v) for k, v in saved.items()]
+# the cells' state reads and writes run as these custom ops (ptl_timm.layers.bconv_cell): the aten ops under them
+# are the state's input and output
+_STATE_OPS = 'ptl_timm::'
 
 
 def _profile_kinds(fn: Callable[[], None], calls: int) -> Dict[str, float]:
@@ -528,11 +512,11 @@ def _profile_kinds(fn: Callable[[], None], calls: int) -> Dict[str, float]:
     wall_us, prof = best
     kinds = dict.fromkeys(OP_KINDS, 0.0)
     for ev in prof.events():
-        if ev.name == _STATE_LABEL or ev.name.startswith('ProfilerStep') or not ev.name.startswith('aten::'):
+        if ev.name.startswith('ProfilerStep') or not ev.name.startswith('aten::'):
             continue
         parent, in_state = ev.cpu_parent, False
         while parent is not None:
-            in_state |= parent.name == _STATE_LABEL
+            in_state |= parent.name.startswith(_STATE_OPS)
             parent = parent.cpu_parent
         kinds[op_kind(ev.name, in_state)] += ev.self_cpu_time_total
     kinds['Python and dispatch'] = max(wall_us - sum(kinds.values()), 0.0)
@@ -553,22 +537,18 @@ def profile_ladder(backbone: str, args: argparse.Namespace) -> Dict[str, Any]:
 
     def ladder_infer() -> None:
         with torch.inference_mode():
-            ptl._join(final, ptl._ladder(x, feats))
+            ptl.forward_cells(x, final, feats)
 
     ptl.train()
     t_final, t_feats = ptl.backbone.forward_intermediates(x)
     t_final, t_feats = t_final.detach().requires_grad_(), [f.detach().requires_grad_() for f in t_feats]
-    grad = torch.randn_like(ptl._join(t_final, ptl._ladder(x, t_feats)))
+    grad = torch.randn_like(ptl.forward_cells(x, t_final, t_feats))
 
     def ladder_train() -> None:
-        ptl._join(t_final, ptl._ladder(x, t_feats)).backward(grad)
+        ptl.forward_cells(x, t_final, t_feats).backward(grad)
 
-    undo = _label_state_io()
-    try:
-        kinds = dict(infer=_profile_kinds(ladder_infer, args.profile_calls),
-                     train=_profile_kinds(ladder_train, args.profile_calls))
-    finally:
-        undo()
+    kinds = dict(infer=_profile_kinds(ladder_infer, args.profile_calls),
+                 train=_profile_kinds(ladder_train, args.profile_calls))
     for fn in (plain_infer, plain_train):
         fn()
     base = dict(infer=min(timed(plain_infer) for _ in range(args.profile_calls)) * 1e3,

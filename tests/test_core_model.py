@@ -334,3 +334,10 @@ def test_cells_removed_is_the_ptl_model_with_zero_cell_maps(tmp_path):
     save_pretrained(control, tmp_path / 'control')
     reloaded = load_model(f'local-dir:{tmp_path / "control"}').eval()
     assert reloaded.cells_removed and torch.equal(reloaded(x), control(x))
+
+
+def test_forward_cells_is_what_the_ladder_adds_to_the_backbone():
+    model = _trained(_small()).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    final, feats = model.backbone.forward_intermediates(x)
+    assert torch.equal(model.forward_cells(x, final, feats), model.forward_features(x))

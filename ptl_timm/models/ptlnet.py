@@ -391,6 +391,12 @@ class PTLNet(LadderMixin, nn.Module):
             if num_classes > 0 else nn.Identity()
         self.fc.train(self.training)
 
+    def forward_cells(self, x: torch.Tensor, final: Any, feats: List[torch.Tensor]) -> Any:
+        """What the cells add to the backbone, alone: the final features with the last cell map joined, given the
+        input ``x`` and the backbone's final features and stage maps (``backbone.forward_intermediates(x)``).
+        ``forward_features(x)`` is this on the backbone's outputs (benchmarks time the ladder through it)."""
+        return self._join(final, self._ladder(x, feats))
+
     def _ladder(self, x: torch.Tensor, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         """Cell output c_k (B, w_k, H_k, W_k) of every stage from ``first_cell_stage`` on, given the stage
         features; fewer features (stop_early) stop the ladder early."""

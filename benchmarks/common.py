@@ -19,7 +19,9 @@ API (a benchmark script puts ``benchmarks/`` on ``sys.path`` and imports these n
 - Report: ``write_report(path, text, records, command)`` writes the Markdown with a footer naming the records'
   commits and core hashes and the command that regenerates it; the rows come from the records alone, so
   ``--report`` reproduces them to the digit. ``bar_plot(groups, series, path)`` draws paired gains with their
-  intervals and stamps the same provenance into the PNG.
+  intervals and stamps the same provenance into the PNG. ``file_stamp()`` stamps, and ``stamp_of(data)`` reads,
+  the commit and core of a file that keeps its environment beside its rows (``overhead.py``,
+  ``family_coverage.py``), for its report's footer.
 
 Porting a benchmark: build its grid as records (one dict per run, ``key=run_key(...)``), run the ones not in
 ``store.done()``, ``store.append`` each result, and derive every table from ``store.latest().values()``.
@@ -278,6 +280,19 @@ def provenance(records: Sequence[Dict[str, Any]], command: str) -> str:
     made = f'{len(records)} record' + ('s' if len(records) != 1 else '')
     return (f'Made from {made}; commits {counts("commit")}; ptl_timm core hashes {counts("core")}. '
             f'Regenerate: `{command}`.')
+
+
+def file_stamp() -> Dict[str, Any]:
+    """:func:`stamp` for a results file that keeps its environment under ``environment``, beside its rows."""
+    stamped = stamp()
+    return dict(commit=stamped['commit'], core=stamped['core'], environment=stamped['env'])
+
+
+def stamp_of(data: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``commit`` and ``core`` of a results file or record: its own, else those its environment names
+    (``git_commit``, ``ptl_core_hash``: files written before they were stamped on top keep them there)."""
+    env = data.get('env') or data.get('environment') or {}
+    return dict(commit=data.get('commit') or env.get('git_commit'), core=data.get('core') or env.get('ptl_core_hash'))
 
 
 def write_report(path: Path, text: str, records: Sequence[Dict[str, Any]], command: str) -> str:

@@ -21,6 +21,7 @@ The ``where`` column splits one PTL inference forward into backbone (``forward_i
     python benchmarks/overhead.py                 # all five backbones, batch 8 at 160 px, 1 thread
     python benchmarks/overhead.py --quick         # resnet18 / mobilenetv2 at 96 px, 3 repeats
     python benchmarks/overhead.py --img-size 128 --static-widths 0.0625,0.125,0.25   # params / FLOPs only
+    python benchmarks/overhead.py --report        # overhead.md / .png from overhead.json (no measuring)
 
 ``--threads-sweep`` (issue 26) measures how the cost scales with threads: plain and PTL at default widths, batch 4
 at 160 px, at 1 and 2 threads and at the machine's core count, eager and compiled (``torch.compile``, inductor),
@@ -34,6 +35,9 @@ ladder's time goes by kind of op (torch.profiler, ``overhead_profile.json`` / ``
     python benchmarks/overhead.py --threads-sweep            # five backbones; compiled until the budget is used
     python benchmarks/overhead.py --profile                  # ptl_resnet50, 2 threads, batch 4 at 160 px
     python benchmarks/overhead.py --threads-sweep --profile --quick  # eager, small: under benchmarks/results/quick/
+
+Every file is stamped with the commit and core hash it was measured at, and its Markdown ends with them and the
+``--report`` command that rewrites it from the JSON.
 """
 import argparse
 import json
@@ -51,7 +55,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a frozen copy may win
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
+from common import RESULTS_DIR, file_stamp, provenance, repo_path, stamp_of, write_json, write_report  # noqa: E402
 
 BACKBONES = ('resnet50', 'densenet161', 'mobilenetv2_100', 'tf_efficientnet_lite0', 'convnext_tiny')
 # Reference MGN_PTL widths as fractions of the ResNet-50 stage widths, by reduction (docs/method.md).
@@ -214,7 +218,7 @@ def ratios(entry: Dict[str, Any], key: str) -> Dict[str, float]:
     )
 
 
-def report(data: Dict[str, Any], stem: Path) -> str:
+def report(data: Dict[str, Any], stem: Path, command: str) -> str:
     cfg = data['config']
     lines = [
         '### Cost of PTL vs the plain backbone (CPU)', '',
@@ -247,13 +251,11 @@ def report(data: Dict[str, Any], stem: Path) -> str:
         b = entry['ptl_breakdown_s']
         lines.append(f'| {entry["backbone"]} | {b["backbone_plain_forward"]:.4f} | {b["backbone"]:.4f} | '
                      f'{b["ladder"]:.4f} | {b["head"]:.4f} |')
-    text = '\n'.join(lines) + '\n'
-    stem.with_suffix('.md').write_text(text)
-    _plot(data, stem.with_suffix('.png'))
-    return text
+    _plot(data, stem.with_suffix('.png'), provenance([stamp_of(data)], command))
+    return write_report(stem.with_suffix('.md'), '\n'.join(lines), [stamp_of(data)], command)
 
 
-def _plot(data: Dict[str, Any], path: Path) -> None:
+def _plot(data: Dict[str, Any], path: Path, made: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -271,13 +273,13 @@ def _plot(data: Dict[str, Any], path: Path) -> None:
     axes[0].set_ylabel('PTL / plain')
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={'Description': made})
     plt.close(fig)
 
 
-def static_costs(backbones: List[str], width_mults: List[float], img_size: int, path: Path) -> str:
+def static_costs(backbones: List[str], width_mults: List[float], img_size: int) -> Dict[str, Any]:
     """Parameters and FLOPs of PTL / plain at several ``width_mult`` (no timing: exact, quick)."""
-    rows, results = [], []
+    results = []
     for backbone in backbones:
         plain = make_model(dict(name=backbone))
         base_params, base_flops = sum(p.numel() for p in plain.parameters()), count_flops(plain, img_size)
@@ -286,14 +288,17 @@ def static_costs(backbones: List[str], width_mults: List[float], img_size: int, 
             params, flops = sum(p.numel() for p in ptl.parameters()), count_flops(ptl, img_size)
             results.append(dict(backbone=backbone, width_mult=mult, cell_widths=ptl.cell_widths, params=params,
                                 flops=flops, plain_params=base_params, plain_flops=base_flops))
-            rows.append(f'| {backbone} | {mult:g} | {"/".join(map(str, ptl.cell_widths))} | '
-                        f'{params / base_params:.3f}x | {flops / base_flops:.3f}x |')
-    write_json(path, dict(environment=environment(), config=dict(img_size=img_size), results=results))
+    return dict(file_stamp(), config=dict(img_size=img_size), results=results)
+
+
+def static_report(data: Dict[str, Any], stem: Path, command: str) -> str:
+    rows = [f'| {r["backbone"]} | {r["width_mult"]:g} | {"/".join(map(str, r["cell_widths"]))} | '
+            f'{r["params"] / r["plain_params"]:.3f}x | {r["flops"] / r["plain_flops"]:.3f}x |' for r in data['results']]
     text = '\n'.join([
-        f'### Parameters and FLOPs of PTL / plain by cell width ({img_size} px, FlopCounterMode, 1000 classes)', '',
-        '| backbone | width_mult | cell widths | params | FLOPs |', '|---|---|---|---|---|', *rows]) + '\n'
-    path.with_suffix('.md').write_text(text)
-    return text
+        f'### Parameters and FLOPs of PTL / plain by cell width ({data["config"]["img_size"]} px, FlopCounterMode, '
+        '1000 classes)', '', '| backbone | width_mult | cell widths | params | FLOPs |', '|---|---|---|---|---|',
+        *rows])
+    return write_report(stem.with_suffix('.md'), text, [stamp_of(data)], command)
 
 
 # --- issue 26: scaling with threads, eager and compiled --------------------------------------------------------------
@@ -388,7 +393,7 @@ def run_sweep(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
     # what makes measurements comparable; which compiled runs to add is the plan of each invocation
     config = dict(batch=args.batch, img_size=args.img_size, pairs=args.pairs, threads=thread_counts(args.threads),
                   backbones=args.backbones.split(','))
-    data: Dict[str, Any] = dict(environment=environment(), config=config, static={}, results={}, skipped=[])
+    data: Dict[str, Any] = dict(file_stamp(), config=config, static={}, results={}, skipped=[])
     if args.resume and path.exists():
         old = json.loads(path.read_text())
         if all(old['config'].get(k) == v for k, v in config.items()):
@@ -412,10 +417,12 @@ def run_sweep(args: argparse.Namespace, path: Path) -> Dict[str, Any]:
             continue
         data['skipped'] = [k for k in data['skipped'] if k != key]
         t0 = time.perf_counter()
-        data['results'][key] = sweep_entry(backbone, threads, compiled, args)
+        # each measurement names the commit and core it ran at: --resume mixes invocations
+        data['results'][key] = dict(sweep_entry(backbone, threads, compiled, args), commit=data['commit'],
+                                    core=data['core'])
         compiling_s += (time.perf_counter() - t0) if compiled else 0.0
         write_json(path, data)
-    data['environment'] = environment()
+    data.update(file_stamp())
     write_json(path, data)
     return data
 
@@ -431,7 +438,7 @@ def _seconds(value: Optional[float], digits: int) -> str:
     return '-' if value is None else f'{value:.{digits}f}'
 
 
-def sweep_report(data: Dict[str, Any], stem: Path) -> str:
+def sweep_report(data: Dict[str, Any], stem: Path, command: str) -> str:
     cfg, env = data['config'], data['environment']
     lines = [
         '### Cost of PTL vs the plain backbone by threads, eager and compiled (CPU)', '',
@@ -460,9 +467,9 @@ def sweep_report(data: Dict[str, Any], stem: Path) -> str:
     if data['skipped']:
         lines += ['', 'Not measured (compile budget; rerun with `--resume` to add them): '
                   + ', '.join(f'`{k}`' for k in data['skipped']) + '.']
-    text = '\n'.join(lines) + '\n'
-    stem.with_suffix('.md').write_text(text)
-    return text
+    # an entry measured before entries were stamped has the file's commit and core
+    records = [{**stamp_of(data), **{k: e[k] for k in ('commit', 'core') if k in e}} for e in entries]
+    return write_report(stem.with_suffix('.md'), '\n'.join(lines), records, command)
 
 
 # --- issue 26: where the ladder's time goes, by kind of op ---------------------------------------------------------
@@ -558,7 +565,7 @@ def profile_ladder(backbone: str, args: argparse.Namespace) -> Dict[str, Any]:
                 flops=static_ratios(backbone, args.img_size)['flops'])
 
 
-def profile_report(data: Dict[str, Any], stem: Path) -> str:
+def profile_report(data: Dict[str, Any], stem: Path, command: str) -> str:
     p, env = data['profile'], data['environment']
     lines = [
         f'### Where the ladder of ptl_{p["backbone"]} spends its time, by kind of op (torch.profiler)', '',
@@ -579,9 +586,15 @@ def profile_report(data: Dict[str, Any], stem: Path) -> str:
                      f'{vals["train"]:.2f} | {100 * vals["train"] / p["plain_ms"]["train"]:.1f} % |')
     lines += ['', f'Plain {p["backbone"]}: forward {p["plain_ms"]["infer"]:.1f} ms, training step '
               f'{p["plain_ms"]["train"]:.1f} ms (fastest of {p.get("calls", "several")}).']
-    text = '\n'.join(lines) + '\n'
-    stem.with_suffix('.md').write_text(text)
-    return text
+    return write_report(stem.with_suffix('.md'), '\n'.join(lines), [stamp_of(data)], command)
+
+
+def report_command(mode: str, args: argparse.Namespace) -> str:
+    """The command that rewrites this invocation's report from its JSON (``mode``: its flags before ``--report``)."""
+    out = Path(args.out)
+    default = out.resolve() == (RESULTS_DIR / 'overhead.json').resolve()
+    return ' '.join(['python benchmarks/overhead.py', *([mode] if mode else []), '--report',
+                     *(['--quick'] if args.quick else []), *([] if default else [f'--out {repo_path(out)}'])])
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -593,7 +606,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--out', default=str(RESULTS_DIR / 'overhead.json'))
     p.add_argument('--quick', action='store_true', help='resnet18 and mobilenetv2 at 96 px, 3 repeats')
-    p.add_argument('--report', action='store_true', help='only write the table and plot from the JSON')
+    p.add_argument('--report', action='store_true', help='only rewrite the report (table, plot) from its JSON; with '
+                   '--threads-sweep, --profile or --static-widths that one\'s')
     p.add_argument('--static-widths', help='only params and FLOPs at these width_mult values (comma list), '
                    'written to overhead_widths.json / .md')
     p.add_argument('--memory-child', help=argparse.SUPPRESS)
@@ -628,29 +642,36 @@ def main(argv: Optional[List[str]] = None) -> None:
             args.threads = args.threads_list
             path = out_dir / 'overhead_threads.json'
             data = json.loads(path.read_text()) if args.report else run_sweep(args, path)
-            print(sweep_report(data, path.with_suffix('')))
+            print(sweep_report(data, path.with_suffix(''), report_command('--threads-sweep', args)))
         if args.profile:
             path = out_dir / 'overhead_profile.json'
             if args.report:
                 data = json.loads(path.read_text())
             else:
                 backbone = 'resnet18' if args.quick else 'resnet50'
-                data = dict(environment=environment(), profile=profile_ladder(backbone, args))
+                data = dict(file_stamp(), profile=profile_ladder(backbone, args))
                 write_json(path, data)
-            print(profile_report(data, path.with_suffix('')))
+            print(profile_report(data, path.with_suffix(''), report_command('--profile', args)))
         return
     args.batch = args.batch or 8
     if args.static_widths:
         torch.set_num_threads(args.threads)
-        print(static_costs(args.backbones.split(','), [float(w) for w in args.static_widths.split(',')],
-                           args.img_size, Path(args.out).with_name('overhead_widths.json')))
+        path = Path(args.out).with_name('overhead_widths.json')
+        if args.report:
+            data = json.loads(path.read_text())
+        else:
+            data = static_costs(args.backbones.split(','), [float(w) for w in args.static_widths.split(',')],
+                                args.img_size)
+            write_json(path, data)
+        print(static_report(data, path.with_suffix(''), report_command(f'--static-widths {args.static_widths}', args)))
         return
     if args.memory_child:
         print(json.dumps(memory_child(json.loads(args.memory_child), args.batch, args.img_size, steps=3)))
         return
+    command = report_command('', args)
     if args.quick:
         args.backbones, args.img_size, args.repeats = 'resnet18,mobilenetv2_100', 96, 3
-        args.out = str(Path(args.out).with_name('overhead_quick.json'))
+        args.out = str(Path(args.out).parent / 'quick' / 'overhead.json')
     path = Path(args.out)
     if args.report:
         data = json.loads(path.read_text())
@@ -658,12 +679,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         from tqdm import tqdm
 
         torch.set_num_threads(args.threads)
-        data = dict(environment=environment(), results=[],
+        data = dict(file_stamp(), results=[],
                     config=dict(batch=args.batch, img_size=args.img_size, repeats=args.repeats))
         for backbone in tqdm(args.backbones.split(','), unit='backbone'):
             data['results'].append(bench_backbone(backbone, args))
             write_json(path, data)
-    print(report(data, path.with_suffix('')))
+    print(report(data, path.with_suffix(''), command))
 
 
 if __name__ == '__main__':

@@ -27,6 +27,10 @@ benchmarks/results/family_coverage.jsonl first, so an interrupted run resumes wh
 
     python benchmarks/family_coverage.py                       # every family (about an hour on 2 busy cores)
     python benchmarks/family_coverage.py --families resnet,vgg --out /tmp/fc.json  # some families
+    python benchmarks/family_coverage.py --report              # family_coverage.md from the JSON (no checks run)
+
+Each row carries the commit and core hash it was checked at (a resumed run mixes runs); the Markdown ends with
+them and the ``--report`` command.
 """
 import argparse
 import json
@@ -43,7 +47,7 @@ import torch
 import ptl_timm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, write_json  # noqa: E402
+from common import RESULTS_DIR, file_stamp, repo_path, stamp, stamp_of, write_json, write_report  # noqa: E402
 
 SIZES = (64, 128, 224)  # the first a backbone runs at; a ViT's own size can be large (deepseek_vit: 546 px)
 STEPS = ('build', 'forward_backward', 'state', 'features_only')
@@ -322,13 +326,26 @@ def markdown(rows: Sequence[Dict[str, Any]], stats: Dict[str, Any]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def report(data: Dict[str, Any], path: Path, command: str) -> str:
+    """Write ``markdown`` of the file's rows with its provenance footer (a row checked before rows were stamped has
+    the file's commit and core)."""
+    records = [{**stamp_of(data), **{k: r[k] for k in ('commit', 'core') if k in r}} for r in data['rows']]
+    return write_report(path, markdown(data['rows'], data['summary']), records, command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--families', default='', help='comma-separated families (default: every timm module)')
     parser.add_argument('--out', type=Path, default=RESULTS_DIR / 'family_coverage.json')
     parser.add_argument('--timeout', type=int, default=600, help='seconds per family')
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--report', action='store_true', help='only rewrite the .md from the JSON')
     args = parser.parse_args()
+    default = args.out.resolve() == (RESULTS_DIR / 'family_coverage.json').resolve()
+    command = 'python benchmarks/family_coverage.py --report' + ('' if default else f' --out {repo_path(args.out)}')
+    if args.report:
+        print(report(json.loads(args.out.read_text()), args.out.with_suffix('.md'), command))
+        return
     torch.set_num_threads(args.threads)
     families = [f for f in args.families.split(',') if f] or timm_families()
     partial = args.out.with_suffix('.jsonl')
@@ -336,21 +353,21 @@ def main() -> None:
     done = {}
     if partial.exists():  # resume: the families an interrupted run finished
         done = {r['family']: r for r in map(json.loads, partial.read_text().splitlines()) if r}
+    stamped = stamp()
     for family in families:
         if family in done:
             continue
-        row = check_family(family, timeout=args.timeout)
+        row = dict(check_family(family, timeout=args.timeout), commit=stamped['commit'], core=stamped['core'])
         done[family] = row
         with partial.open('a') as f:
             f.write(json.dumps(row) + '\n')
         status = 'works' if row['works'] else f'fails ({row.get("failed_step") or row["rule"]})'
         print(f'{family:28s} {row["model"]:36s} {status} {row["seconds"]}s', flush=True)
     rows = [done[f] for f in families]
-    stats = summary(rows)
-    write_json(args.out, dict(environment=environment(), summary=stats, rows=rows))
-    args.out.with_suffix('.md').write_text(markdown(rows, stats))
+    data = dict(file_stamp(), summary=summary(rows), rows=rows)
+    write_json(args.out, data)
+    print(report(data, args.out.with_suffix('.md'), command))
     partial.unlink()
-    print(markdown(rows, stats))
 
 
 if __name__ == '__main__':

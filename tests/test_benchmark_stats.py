@@ -177,6 +177,25 @@ def test_overhead_sweep_statistics_and_thread_counts():
     assert overhead._ratio_cell(None) == '-'
 
 
+@pytest.mark.parametrize('stem, mode', [('overhead', []), ('overhead_threads', ['--threads-sweep']),
+                                        ('overhead_profile', ['--profile']),
+                                        ('overhead_widths', ['--static-widths', '0.125'])])
+def test_overhead_report_rewrites_each_stored_table_from_its_json(tmp_path, stem, mode):
+    """``--report`` (no measuring) rewrites a stored table of ``overhead.py`` from its JSON: every line as stored, the
+    footer naming the same commits and core hashes and the command with this ``--out``."""
+    import shutil
+
+    import overhead
+    from common import RESULTS_DIR
+
+    shutil.copy(RESULTS_DIR / f'{stem}.json', tmp_path / f'{stem}.json')
+    overhead.main([*mode, '--report', '--out', str(tmp_path / 'overhead.json')])
+    stored, new = ((d / f'{stem}.md').read_text().split(' Regenerate: ') for d in (RESULTS_DIR, tmp_path))
+    assert new[0] == stored[0] and 'Made from' in new[0].rsplit('\n\n', 1)[1]
+    assert new[1].startswith(f'`python benchmarks/overhead.py {" ".join(mode)}'.replace('  ', ' '))
+    assert new[1].endswith(f'--report --out {tmp_path / "overhead.json"}`.\n')
+
+
 @pytest.mark.slow
 def test_overhead_sweep_and_profile_quick(tmp_path):
     """``--threads-sweep --profile --quick`` runs every step (eager) and writes its tables under quick/."""

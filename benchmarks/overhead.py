@@ -19,7 +19,7 @@ The ``where`` column splits one PTL inference forward into backbone (``forward_i
 (cells + fuses) and the head, to show which part costs.
 
     python benchmarks/overhead.py                 # all five backbones, batch 8 at 160 px, 1 thread
-    python benchmarks/overhead.py --quick         # resnet18 / mobilenetv2 at 96 px, 3 repeats
+    python benchmarks/overhead.py --quick         # resnet18 / mobilenetv2 at 96 px, 3 repeats, under results/quick/
     python benchmarks/overhead.py --img-size 128 --static-widths 0.0625,0.125,0.25   # params / FLOPs only
     python benchmarks/overhead.py --report        # overhead.md / .png from overhead.json (no measuring)
 

@@ -50,7 +50,8 @@ if ! have_fashion; then
 fi
 export PTL_TIMM_STRICT_TESTS="${PTL_TIMM_STRICT_TESTS:-1}"
 python -m ruff check .
-python -m pytest -q "$@"
+# two pytest-xdist workers of one thread each (tests/conftest.py), whole files per worker: module fixtures run once
+python -m pytest -q -n 2 --dist loadfile "$@"
 [ $# -eq 0 ] || exit 0
 
 timm_version="$(python -c 'import timm; print(timm.__version__)')"

@@ -178,8 +178,8 @@ def _state_write(state: torch.Tensor, frozen: torch.Tensor, c: torch.Tensor, car
 
 def _mul_tanh(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``a * tanh(z)`` computed as ``2 a sigmoid(2 z) - a``: four cheap passes instead of one slow tanh (see
-    :meth:`BConvCell.forward`); the in-place sigmoid acts on a temporary that autograd does not keep."""
-    return torch.addcmul(a.neg(), a, (z * 2).sigmoid_(), value=2)
+    :meth:`BConvCell.forward`)."""
+    return torch.addcmul(a.neg(), a, (z * 2).sigmoid(), value=2)
 
 
 class BConvCell(nn.Module):

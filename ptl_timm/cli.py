@@ -1,18 +1,8 @@
-"""The ``ptl-timm`` / ``python -m ptl_timm`` commands (their parser: ``ptl_timm_cli``, which imports no torch).
+"""The ``ptl-timm`` / ``python -m ptl_timm`` commands: one ``cmd_*`` function per subcommand and :func:`run`.
 
-    list [PATTERN] [--tags]              registered ptl_* models, their tags, and the full-PTL checkpoints
-    info NAME                            config, parameters, stages and cell widths (a name, tag, hf-hub:, local-dir:)
-    export CHECKPOINT DIR                a checkpoint (train.py's, a state_dict, safetensors) to a Hub-ready folder
-    push DIR REPO_ID                     upload an export folder with huggingface_hub
-    deploy CHECKPOINT FILE               a checkpoint to ONNX (.onnx), torch.export (.pt2) or TorchScript (.pt)
-    run SCRIPT [ARGS...]                 timm's train.py / validate.py / inference.py with the models registered
-    extract FOLDER OUT.npy --model M     embed every image of a folder with a ReID model
-    train-reid DATA --model M            the ReID recipe on a Market-1501 / Duke / MSMT17 folder or the emoji set
-
-The same flags mean the same everywhere: ``--model`` (a model name), ``--ema`` (the EMA weights of a train.py
-checkpoint), ``--model-kwargs K=V ...`` (model arguments, read as train.py reads its ``--model-kwargs``) and
-``--img-size H [W]`` (the size of the images the model is given). Errors a user can act on print one line
-(``error: ...``) and exit with status 2, without a traceback.
+The commands and their flags are listed in ``ptl_timm_cli`` (the parser, which imports no torch so that
+``ptl-timm -h`` answers at once). Errors a user can act on print one line (``error: ...``) and exit with status 2,
+without a traceback.
 """
 import argparse
 import json

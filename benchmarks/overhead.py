@@ -92,23 +92,29 @@ def specs_for(backbone: str, img_size: int) -> Dict[str, Dict[str, Any]]:
     return dict(plain=dict(name=backbone), ptl=ptl, ptl_ref=ref)
 
 
-def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  run: Optional[Callable] = None) -> Callable[[], None]:
+    """One AdamW training step of ``model`` on (x, y), forwarding through ``run`` (a compiled ``model``) if given."""
+    run = model if run is None else run
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step() -> None:
         model.train()
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(run(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
 
 
-def infer_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def infer_fn(model: nn.Module, x: torch.Tensor, run: Optional[Callable] = None) -> Callable[[], None]:
+    """One eval forward of ``model`` on ``x``, through ``run`` (a compiled ``model``) if given."""
+    run = model if run is None else run
+
     def infer() -> None:
         model.eval()
         with torch.inference_mode():
-            model(x)
+            run(x)
     return infer
 
 
@@ -339,7 +345,7 @@ def sweep_entry(backbone: str, threads: int, compiled: bool, args: argparse.Name
     fns = {}
     for k, m in models.items():
         run = torch.compile(m, backend='inductor') if compiled else m
-        fns[k] = dict(train=_bound_train(m, run, x, y), infer=_bound_infer(m, run, x))
+        fns[k] = dict(train=train_step_fn(m, x, y, run), infer=infer_fn(m, x, run))
     t0 = time.perf_counter()
     modes = args.compile_modes.split(',') if compiled else ['train', 'infer']
     for k in fns:  # warm-up: compilation, allocator, lazy init, optimiser state
@@ -354,26 +360,6 @@ def sweep_entry(backbone: str, threads: int, compiled: bool, args: argparse.Name
         out[mode] = _quantiles([q / p for p, q in zip(times['plain'][mode], times['ptl'][mode])])
         out[f'plain_{mode}_s'] = statistics.median(times['plain'][mode])
     return out
-
-
-def _bound_train(model: nn.Module, run: Callable, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        model.train()
-        loss = F.cross_entropy(run(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
-
-
-def _bound_infer(model: nn.Module, run: Callable, x: torch.Tensor) -> Callable[[], None]:
-    def infer() -> None:
-        model.eval()
-        with torch.inference_mode():
-            run(x)
-    return infer
 
 
 def static_ratios(backbone: str, img_size: int) -> Dict[str, Any]:
@@ -537,7 +523,7 @@ def profile_ladder(backbone: str, args: argparse.Namespace) -> Dict[str, Any]:
     specs = specs_for(backbone, args.img_size)
     plain, ptl = make_model(specs['plain']), make_model(specs['ptl'])
     x, y = torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 1000, (args.batch,))
-    plain_train, plain_infer = _bound_train(plain, plain, x, y), _bound_infer(plain, plain, x)
+    plain_train, plain_infer = train_step_fn(plain, x, y), infer_fn(plain, x)
     ptl.eval()
     with torch.inference_mode():
         final, feats = ptl.backbone.forward_intermediates(x)

@@ -4,9 +4,13 @@ import argparse
 import functools
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
+import pytest
 import torch
 import torch.nn.functional as F
 from timm.utils import CheckpointSaver, ModelEmaV3
@@ -18,6 +22,24 @@ def repo_on_pythonpath(env: Dict[str, str]) -> Dict[str, str]:
     """``env`` with this checkout first on PYTHONPATH, so a subprocess imports the ptl_timm under test."""
     root = str(Path(__file__).resolve().parent.parent)
     return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get('PYTHONPATH')])))
+
+
+def torchrun(args: Sequence[str], timeout: float, nproc: int = 2) -> str:
+    """Run ``torchrun --standalone --nproc_per_node=nproc ARGS`` (gloo, one thread per rank, this checkout first on
+    PYTHONPATH) in its own session; on a timeout the whole group is killed, never left hanging. Returns the log;
+    the test fails with its tail if torchrun fails or times out."""
+    env = repo_on_pythonpath(dict(os.environ, OMP_NUM_THREADS='1'))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f'torchrun did not finish in {timeout} s (a collective deadlock?):\n{log[-3000:]}')
+    assert proc.returncode == 0, f'torchrun failed ({proc.returncode}):\n{log[-3000:]}'
+    return log
 
 
 @functools.lru_cache(maxsize=1)

@@ -7,10 +7,6 @@ gradients and none inside ``no_sync()``. So all ranks hold the same state and a 
 the rank that saved it. The expected state is computed here independently, by replaying each rank's batches in
 one process and averaging by hand.
 """
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -18,7 +14,7 @@ import ddp_worker as worker
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import repo_on_pythonpath
+from helpers import torchrun
 
 from ptl_timm import bconv_cells
 
@@ -37,19 +33,7 @@ def ddp_results(tmp_path_factory) -> Dict[str, List[dict]]:
 
 
 def _run_worker(out: Path, scenarios: List[str], device: str) -> Dict[str, List[dict]]:
-    env = repo_on_pythonpath(dict(os.environ, OMP_NUM_THREADS='1'))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={WORLD_SIZE}',
-           str(WORKER), '--out', str(out), '--device', device, '--scenarios', *scenarios]
-    # own session: on a timeout the whole group (torchrun and its ranks) is killed, never left hanging
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f'torchrun did not finish in {TIMEOUT_S} s (a collective deadlock?):\n{log[-3000:]}')
-    assert proc.returncode == 0, f'torchrun failed ({proc.returncode}):\n{log[-3000:]}'
+    torchrun([str(WORKER), '--out', str(out), '--device', device, '--scenarios', *scenarios], TIMEOUT_S, WORLD_SIZE)
     return {
         name: [torch.load(out / f'{name}_rank{r}.pt', weights_only=False) for r in range(WORLD_SIZE)]
         for name in scenarios

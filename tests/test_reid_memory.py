@@ -1,16 +1,12 @@
 """The cross-batch memories against plain per-sample references written here, their state_dict, and DDP."""
 import copy
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import reid_memory_worker as worker
 import torch
 import torch.nn.functional as F
-from helpers import repo_on_pythonpath
+from helpers import torchrun
 
 from ptl_timm.reid import IdentityMemory, ReIDLoss, ReIDOutput, XBMemory, identity_centroids
 
@@ -153,17 +149,7 @@ def test_unknown_memory_and_bad_settings_are_named():
 def test_memories_under_ddp_apply_every_ranks_batch(tmp_path):
     """torchrun, 2 gloo ranks: each rank's loss is its own batch against the memory; every rank ends with the
     memory that the ranks' batches, in rank order, give in one process."""
-    env = repo_on_pythonpath(dict(os.environ, OMP_NUM_THREADS='1'))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           str(Path(worker.__file__)), '--out', str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail('torchrun did not finish in 180 s (a collective deadlock?)')
-    assert proc.returncode == 0, log[-3000:]
+    torchrun([str(Path(worker.__file__)), '--out', str(tmp_path)], timeout=180)
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in range(2)]
     idm, xbm = worker.memories()
     ref_id = ReferenceIdentityMemory(idm.centroids, idm.momentum, idm.temperature)

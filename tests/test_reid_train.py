@@ -4,17 +4,13 @@ Trains a couple of steps, evaluates, writes a checkpoint that ``ptl-timm extract
 resumes bit-exactly; plain, control (cells removed) and PTL models alike.
 """
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from helpers import repo_on_pythonpath
+from helpers import torchrun
 from PIL import Image
 from test_emoji_reid import make_emoji_modules
 
@@ -150,16 +146,7 @@ def test_bad_input_is_named(market, tmp_path, capsys):
 @pytest.mark.slow
 def test_train_reid_under_torchrun(market, tmp_path):
     """Two gloo ranks, each on its share of the batches, the identity memory updated from both."""
-    env = repo_on_pythonpath(dict(os.environ, OMP_NUM_THREADS='1'))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'ptl_timm',
-           'train-reid', str(market), *BASE, *MODELS['ptl'], '--epochs', '1', '--output', str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail('torchrun did not finish in 300 s')
-    assert proc.returncode == 0, log[-3000:]
+    torchrun(['-m', 'ptl_timm', 'train-reid', str(market), *BASE, *MODELS['ptl'], '--epochs', '1', '--output',
+              str(tmp_path)], timeout=300)
     ckpt = load_training_checkpoint(tmp_path / 'last.pth.tar')
     assert ckpt['epoch'] == 1 and 0 < json.loads((tmp_path / 'metrics.json').read_text())['metrics']['mAP']

@@ -126,50 +126,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('train-reid', help='train a ReID model with the recipe (P x K, triplet + CE, memory), evaluate',
                        description='Defaults: the recipe chosen on the emoji validation split (docs/reid.md). '
-                                   'Under torchrun every rank trains on its share of the batches.')
-    p.add_argument('data', nargs='?', type=Path,
+                                   'Under torchrun every rank trains on its share of the batches.',
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument('data', nargs='?', type=Path, default=None,
                    help='dataset folder (Market-1501 layout or MSMT17); with --dataset emoji the node_modules folder '
                         'of the emoji packages (default: see load_emoji_reid)')
     p.add_argument('--dataset', default='auto', choices=('auto', 'market1501', 'dukemtmc', 'msmt17', 'emoji'),
                    help='auto: MSMT17 if DATA holds list_train.txt, else the Market-1501 layout')
-    p.add_argument('--model', default='reid_ptl_resnet50', help='a ReID model (reid_*, mgn_resnet50, ...); the '
+    p.add_argument('--model', help='a ReID model (reid_*, mgn_resnet50, ...; default: reid_ptl_resnet50); the '
                    'control of a PTL model: --model-kwargs cells_removed=True')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ModelKwargs, metavar='K=V',
                    help='model arguments, e.g. state_mode=carried cells_removed=True')
     p.add_argument('--no-pretrained', dest='pretrained', action='store_false', help='random initial weights')
     p.add_argument('--pretrained-file', help='weights file of the pretrained backbone (an offline copy)')
     _add_img_size(p, 'training and test image size (default: 256 128, the emoji set: 64)')
-    p.add_argument('--epochs', type=int, default=60)
+    p.add_argument('--epochs', type=int)
     # not --p / --k: torchrun reads every flag of the command line and --p is a prefix of its own
-    p.add_argument('--ids-per-batch', type=int, default=16, metavar='P', help='identities per batch (P)')
-    p.add_argument('--num-instances', type=int, default=4, metavar='K', help='images per identity (K)')
-    p.add_argument('--optimizer', default='adamw', choices=('adamw', 'adam'))
-    p.add_argument('--lr', type=float, default=1e-3)
-    p.add_argument('--weight-decay', type=float, default=5e-4)
-    p.add_argument('--schedule', default='onecycle', choices=('onecycle', 'step'))
-    p.add_argument('--warmup', type=float, default=0.15, help='one-cycle: share of the steps of rising lr')
-    p.add_argument('--milestones', type=int, nargs='*', default=[], help='step: epochs where lr drops x0.1')
-    p.add_argument('--margin', type=float, default=0.3, help='triplet margin')
-    p.add_argument('--label-smoothing', type=float, default=0.1)
-    p.add_argument('--erasing', type=float, default=0.5, help='random erasing probability')
-    p.add_argument('--memory', nargs='*', default=['identity'], choices=('identity', 'xbm'),
+    p.add_argument('--ids-per-batch', type=int, metavar='P', help='identities per batch (P)')
+    p.add_argument('--num-instances', type=int, metavar='K', help='images per identity (K)')
+    p.add_argument('--optimizer', choices=('adamw', 'adam'))
+    p.add_argument('--lr', type=float)
+    p.add_argument('--weight-decay', type=float)
+    p.add_argument('--schedule', choices=('onecycle', 'step'))
+    p.add_argument('--warmup', type=float, help='one-cycle: share of the steps of rising lr')
+    p.add_argument('--milestones', type=int, nargs='*', help='step: epochs where lr drops x0.1')
+    p.add_argument('--margin', type=float, help='triplet margin')
+    p.add_argument('--label-smoothing', type=float)
+    p.add_argument('--erasing', type=float, help='random erasing probability')
+    p.add_argument('--memory', nargs='*', choices=('identity', 'xbm'),
                    help='cross-batch memories in the loss (none: --memory with no value)')
-    p.add_argument('--temperature', type=float, default=0.05, help='of the identity memory')
-    p.add_argument('--identity-momentum', type=float, default=0.2)
-    p.add_argument('--xbm-size', type=int, default=1024)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--amp', default='none', choices=('none', 'auto', 'bf16', 'fp16'),
+    p.add_argument('--temperature', type=float, help='of the identity memory')
+    p.add_argument('--identity-momentum', type=float)
+    p.add_argument('--xbm-size', type=int)
+    p.add_argument('--seed', type=int)
+    p.add_argument('--amp', choices=('none', 'auto', 'bf16', 'fp16'),
                    help='autocast: auto = fp16 on CUDA, bf16 on CPU')
     p.add_argument('--compile', action='store_true', help='torch.compile the model')
-    p.add_argument('--device', default='cpu', help='cpu or cuda (under torchrun: cuda:LOCAL_RANK)')
-    p.add_argument('--workers', type=int, default=0, help='data loading processes')
-    p.add_argument('--eval-every', type=int, default=0, help='epochs between evaluations (0: at the end)')
+    p.add_argument('--device', help='cpu or cuda (under torchrun: cuda:LOCAL_RANK)')
+    p.add_argument('--workers', type=int, help='data loading processes')
+    p.add_argument('--eval-every', type=int, help='epochs between evaluations (0: at the end)')
     p.add_argument('--rerank', action='store_true', help='k-reciprocal re-ranking in the evaluation')
     p.add_argument('--flip-test', action='store_true', help='test features averaged with the mirrored image')
     p.add_argument('--emoji-part', default='val', choices=('val', 'test'), help='emoji: the evaluation identities')
     p.add_argument('--output', type=Path, help='folder of the checkpoint last.pth.tar and metrics.json')
-    p.add_argument('--resume', type=Path, help='continue a run from its last.pth.tar')
+    p.add_argument('--resume', type=Path, default=None, help='continue a run from its last.pth.tar')
     p.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bar')
+    # the recipe's settings left out take ReIDTrainConfig's defaults (ptl_timm.reid.train.config_from_args)
     p.set_defaults(handler='cmd_train_reid')
 
     return parser

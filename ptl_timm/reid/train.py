@@ -365,22 +365,24 @@ def _save(folder: Path, model: nn.Module, opt, sched, criterion: nn.Module, scal
     os.replace(tmp, folder / CHECKPOINT_NAME)  # atomic: an interrupted save never spoils the last checkpoint
 
 
+# the command line's names of the recipe's settings where they differ from ReIDTrainConfig's fields
+_FLAG_FIELDS = dict(ids_per_batch='p', num_instances='k', memory='memories')
+
+
 def config_from_args(args: Any) -> ReIDTrainConfig:
-    """The config of the ``train-reid`` command line's arguments."""
+    """The config of the ``train-reid`` command line's arguments: the settings given, ReIDTrainConfig's defaults
+    for the rest (the parser leaves a setting out unless it is given, so the defaults are written once)."""
     from ..data.tables import parse_size
 
-    emoji = args.dataset == 'emoji'
-    size = parse_size(args.img_size) if args.img_size else ((64, 64) if emoji else (256, 128))
-    return ReIDTrainConfig(
-        model=args.model, model_kwargs=dict(args.model_kwargs), pretrained=args.pretrained,
-        pretrained_file=args.pretrained_file, img_size=size, epochs=args.epochs, p=args.ids_per_batch,
-        k=args.num_instances, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, warmup=args.warmup, milestones=tuple(args.milestones), margin=args.margin,
-        label_smoothing=args.label_smoothing, erasing=args.erasing, memories=tuple(args.memory),
-        identity_momentum=args.identity_momentum, temperature=args.temperature, xbm_size=args.xbm_size,
-        seed=args.seed, amp=args.amp, compile=args.compile, device=args.device, workers=args.workers,
-        eval_every=args.eval_every, rerank=args.rerank, flip_test=args.flip_test,
-        output=str(args.output) if args.output else None, progress=args.progress)
+    fields = {f.name for f in dataclasses.fields(ReIDTrainConfig)} - {'img_size', 'output'}
+    given = {}
+    for name, value in vars(args).items():
+        field = _FLAG_FIELDS.get(name, name)
+        if field in fields:
+            given[field] = tuple(value) if isinstance(value, list) else value
+    img_size, output = getattr(args, 'img_size', None), getattr(args, 'output', None)
+    size = parse_size(img_size) if img_size else ((64, 64) if args.dataset == 'emoji' else (256, 128))
+    return ReIDTrainConfig(**given, img_size=size, output=str(output) if output else None)
 
 
 def _init_distributed(cfg: ReIDTrainConfig) -> None:

@@ -94,14 +94,15 @@ def test_ranks_hold_identical_state_equal_to_the_rank_mean(ddp_results, scenario
     names = [k for k in expected if k.endswith('.state')]
     assert names
     # the replay sums gradients in another order than DDP's buckets; over the steps MGN's tiny heads amplify that
-    # rounding in the weights, and the state follows them (the ranks themselves agree bit for bit, above)
+    # rounding in the weights (by up to 5e-4 in some runs), and the state follows them (the ranks themselves agree
+    # bit for bit, above)
     atol = 2e-3 if worker.SCENARIOS[scenario]['mgn'] else 1e-4
     for k in names:
         assert r0[k].abs().amax() > 0.05, f'{k} was never updated'
         torch.testing.assert_close(r0[k], expected[k], rtol=1e-3, atol=atol, msg=lambda m, k=k: f'{k}: {m}')
-    # the replay also reproduces DDP's weights, so it replays the same steps
+    # the replay also reproduces DDP's weights, so it replays the same steps (MGN: to its amplified rounding)
     for k in (k for k in expected if k.endswith(('weight', 'bias'))):
-        torch.testing.assert_close(r0[k], expected[k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(r0[k], expected[k], rtol=1e-3, atol=atol, msg=lambda m, k=k: f'{k}: {m}')
 
 
 @pytest.mark.parametrize('scenario', list(worker.SCENARIOS))
